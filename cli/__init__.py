@@ -1,0 +1,1 @@
+"""sdxl-split command line: one click group, one module per command."""

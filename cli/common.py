@@ -1,0 +1,50 @@
+"""Small helpers the command modules share: model resolution with notices, device checks, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.models.resolve import ModelSource, resolve_model
+from sdxl_split.shared.quiet import quiet_libraries
+from sdxl_split.shared.settings import GlobalOptions
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def notice(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def resolve(opts: GlobalOptions) -> ModelSource:
+    quiet_libraries(opts.verbosity)
+    source = resolve_model(opts.model, opts.cache_dir, opts.revision, announce=notice)
+    if source.random_weights:
+        notice(f"model {source.description}")
+    return source
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device != "cpu" and device != "mps":
+        raise UserError(f"--device {device!r} is not cpu, mps, cuda or cuda:N")
+    return device
+
+
+def default_dtype(device: str, dtype: str | None) -> str:
+    """fp32 on the CPU (bf16 there is many times slower), fp16 on GPUs."""
+    return dtype or ("fp32" if device == "cpu" else "fp16")
+
+
+def print_json(payload: dict) -> None:
+    json.dump(payload, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,89 @@
+"""The `sdxl-split` click group: global options, and the one place errors become one line."""
+
+from __future__ import annotations
+
+import os
+
+# Library import-time chatter (e.g. "requires torchvision") would bury our one-line messages.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+
+import click  # noqa: E402
+from sdxl_split.shared.errors import UserError  # noqa: E402
+from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
+from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(version("sdxl-split"), prog_name="sdxl-split")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    envvar="SDXL_SPLIT_MODEL",
+    help="SDXL model: 'tiny' (built-in, offline), 'sdxl-random' (full-size, random weights), "
+    "a local diffusers folder, a .safetensors checkpoint, or a hub id.",
+)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a hub --model.")
+@click.option(
+    "--cache-dir",
+    envvar=CACHE_ENV,
+    default=None,
+    help=f"Where embeddings, built-in models and fingerprints live [env {CACHE_ENV}; "
+    "default: the user cache dir].",
+)
+@click.option("-v", "--verbose", count=True, help="More detail; -vv also shows library logs and tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, model: str, revision: str | None, cache_dir: str | None, verbose: int) -> None:
+    """Split-process Stable Diffusion XL.
+
+    The encoder (tokenizers + two CLIP text encoders) and the denoiser (UNet + VAE) run as separate
+    processes, linked by a safetensors embedding cache and ZeroMQ, so each one's memory can be
+    measured and placed on its own device.
+
+    \b
+    Try it offline on the built-in tiny model:
+      sdxl-split --model tiny run prompts.txt --out images/
+    """
+    ctx.obj = GlobalOptions(model=model, revision=revision, cache_dir=cache_dir_from(cache_dir),
+                            verbosity=verbose)
+
+
+def _register_commands() -> None:
+    from sdxl_split.cli import encode_cmd, model_cmd
+
+    cli.add_command(model_cmd.model)
+    cli.add_command(encode_cmd.encode)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors print one line and exit non-zero, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="sdxl-split", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # a bug, not bad input: keep it short unless asked
+        if "-vv" in (argv or sys.argv):
+            traceback.print_exc()
+        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with -vv for the traceback)", err=True)
+        sys.exit(1)

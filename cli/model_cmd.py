@@ -1,0 +1,63 @@
+"""`sdxl-split model ...`: build the offline models and show what a --model resolves to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.models.architectures import ARCHITECTURES
+from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint, resolve_model
+from sdxl_split.shared.quiet import quiet_libraries
+from sdxl_split.shared.settings import GlobalOptions
+
+
+@click.group()
+def model() -> None:
+    """Build offline SDXL-shaped models and inspect --model values."""
+
+
+@model.command("init")
+@click.argument("kind", type=click.Choice(sorted(ARCHITECTURES)))
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+@click.pass_obj
+def init(opts: GlobalOptions, kind: str, directory: Path, seed: int) -> None:
+    """Write an SDXL-architecture diffusers folder with seeded random weights.
+
+    \b
+    tiny         a few MB; every SDXL feature at toy sizes, for tests and offline trials (fp32)
+    sdxl-random  the full SDXL base 1.0 architecture (about 5 GB, fp16) for real memory and FLOPs
+
+    Both use the real CLIP BPE tokenizers. Images from random weights are noise.
+    """
+    import torch
+    from sdxl_split.shared.models.builder import build_model
+
+    quiet_libraries(opts.verbosity)
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory} is not empty; pick a new directory or remove it first")
+    dtype = torch.float32 if kind == "tiny" else torch.float16
+    click.echo(f"building '{kind}' (random weights, seed {seed}, {str(dtype)[6:]}) into {directory}", err=True)
+    report = build_model(
+        ARCHITECTURES[kind], directory, dtype=dtype, seed=seed,
+        on_component=lambda name, n: click.echo(f"  {name:<15} {n / 1e6:>10.1f} M parameters", err=True),
+    )
+    total = sum(report.parameters.values())
+    click.echo(
+        f"wrote {report.directory}: {total / 1e6:.1f} M parameters, "
+        f"{report.bytes_on_disk / 2**30:.2f} GiB on disk, in {report.seconds:.1f} s (random weights)"
+    )
+
+
+@model.command("info")
+@click.pass_obj
+def info(opts: GlobalOptions) -> None:
+    """Resolve --model and print its source and the fingerprints used in cache keys."""
+    quiet_libraries(opts.verbosity)
+    source = resolve_model(opts.model, opts.cache_dir, opts.revision, announce=lambda m: click.echo(m, err=True))
+    click.echo(f"model:        {source.description}")
+    click.echo(f"kind:         {source.kind}")
+    click.echo(f"location:     {source.location}")
+    click.echo(f"text side:    {fingerprint(source, TEXT_COMPONENTS, opts.cache_dir)}")
+    click.echo(f"denoise side: {fingerprint(source, DENOISE_COMPONENTS, opts.cache_dir)}")

@@ -1,0 +1,1 @@
+"""The denoiser process: UNet, scheduler and a VAE, never a text encoder."""

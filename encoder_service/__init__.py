@@ -1,0 +1,1 @@
+"""The encoder process: tokenizers and the two CLIP text encoders, never the UNet or VAE."""

@@ -1,0 +1,67 @@
+"""The text side of SDXL: tokenizers and both CLIP encoders, run through diffusers' own encode_prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES
+from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
+from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.prompts import PromptEntry
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    tensors: dict[str, torch.Tensor]
+    # The text CLIP dropped past its 77-token window, per field, empty when nothing was cut.
+    dropped: dict[str, str]
+
+
+class TextSide:
+    """Holds only the text components; diffusers skips loading the UNet and VAE weights entirely."""
+
+    def __init__(self, source: ModelSource, device: str, dtype: str) -> None:
+        self.device = torch.device(device)
+        self.pipe = load_partial_pipeline(source, TEXT_ONLY, DTYPES[dtype], add_watermarker=False)
+        self.pipe.to(self.device)
+        self.tokenizers = [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2) if t is not None]
+
+    def _dropped_tail(self, text: str | None) -> str:
+        """What CLIP's truncation drops, decoded the way diffusers reports it."""
+        if not text:
+            return ""
+        for tokenizer in self.tokenizers:
+            ids = tokenizer(text, padding="longest", return_tensors="pt").input_ids
+            if ids.shape[-1] > tokenizer.model_max_length:
+                return tokenizer.batch_decode(ids[:, tokenizer.model_max_length - 1 : -1])[0]
+        return ""
+
+    @torch.inference_mode()
+    def encode(self, entries: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
+        """Encode prompts that share one negative mode (all given, or all absent) in one forward pass."""
+        has_negative = entries[0].negative_prompt is not None
+        if any((e.negative_prompt is not None) != has_negative for e in entries):
+            raise ValueError("a batch must not mix prompts with and without a negative prompt")
+        outputs = self.pipe.encode_prompt(
+            prompt=[e.prompt for e in entries],
+            prompt_2=[e.prompt_2 or e.prompt for e in entries],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[e.negative_prompt for e in entries] if has_negative else None,
+            negative_prompt_2=(
+                [e.negative_prompt_2 or e.negative_prompt for e in entries] if has_negative else None
+            ),
+            clip_skip=clip_skip,
+        )
+        results = []
+        for row, entry in enumerate(entries):
+            tensors = {name: out[row : row + 1].detach().to("cpu").clone() for name, out in zip(
+                # encode_prompt's return order.
+                ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                 "negative_pooled_prompt_embeds"), outputs)}
+            assert set(tensors) == set(TENSOR_NAMES)
+            dropped = {field: tail for field, text in entry.texts().items() if (tail := self._dropped_tail(text))}
+            results.append(EncodedPrompt(tensors=tensors, dropped=dropped))
+        return results

@@ -1,0 +1,188 @@
+"""The embedding record: SDXL's four prompt tensors as self-describing safetensors bytes, on disk and on the wire."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SCHEMA = "sdxl-split/embeddings"
+SCHEMA_VERSION = 1
+TENSOR_NAMES = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
+# Bounds that any SDXL-family text side sits well inside; anything bigger is refused before allocating.
+MAX_SEQ_LEN = 256
+MAX_WIDTH = 8192
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 16 * 1024
+
+
+class EmbeddingFormatError(ValueError):
+    """Bytes that are not a valid embedding record of this schema."""
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """Everything besides the prompt texts that changes the tensors; part of every cache key."""
+
+    fingerprint: str
+    clip_skip: int | None
+    dtype: str
+    force_zeros: bool
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+
+
+def embedding_key(texts: dict[str, str | None], settings: EncodingSettings) -> str:
+    """sha256 over the schema, model fingerprint, all four texts and the encoding settings."""
+    payload = {"schema": SCHEMA, "version": SCHEMA_VERSION, **asdict(settings)}
+    payload.update({name: texts.get(name) for name in TEXT_FIELDS})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    key: str
+    texts: dict[str, str | None]
+    settings: EncodingSettings
+    tensors: dict[str, torch.Tensor]
+    truncated: bool = False
+
+    def to_bytes(self) -> bytes:
+        metadata = {
+            "schema": SCHEMA,
+            "schema_version": str(SCHEMA_VERSION),
+            "key": self.key,
+            "texts": json.dumps(self.texts, sort_keys=True, ensure_ascii=False),
+            "settings": json.dumps(asdict(self.settings), sort_keys=True),
+            "truncated": "true" if self.truncated else "false",
+        }
+        return st_save({name: self.tensors[name].contiguous() for name in TENSOR_NAMES}, metadata=metadata)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(hidden width of prompt_embeds, width of the pooled embedding)."""
+        return int(self.tensors["prompt_embeds"].shape[-1]), int(self.tensors["pooled_prompt_embeds"].shape[-1])
+
+
+def _header(data: bytes) -> tuple[dict[str, Any], int]:
+    if len(data) < 8:
+        raise EmbeddingFormatError("too short to be safetensors")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise EmbeddingFormatError(f"safetensors header length {size} is out of bounds")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EmbeddingFormatError("safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise EmbeddingFormatError("safetensors header is not an object")
+    return header, 8 + size
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise EmbeddingFormatError(f"{what} must be a list of integers")
+    return value
+
+
+def _check_layout(header: dict[str, Any], body_len: int, dtype: str) -> None:
+    """Names, dtypes, shapes and offsets, checked against the schema before any tensor is allocated."""
+    names = sorted(k for k in header if k != "__metadata__")
+    if names != sorted(TENSOR_NAMES):
+        raise EmbeddingFormatError(f"tensors are {names}, expected exactly {sorted(TENSOR_NAMES)}")
+    shapes = {}
+    spans = []
+    for name in TENSOR_NAMES:
+        info = header[name]
+        if not isinstance(info, dict) or info.get("dtype") != _ST_DTYPES[dtype]:
+            raise EmbeddingFormatError(f"{name} must have dtype {_ST_DTYPES[dtype]} as the metadata says")
+        shape = _int_list(info.get("shape"), f"{name} shape")
+        offsets = _int_list(info.get("data_offsets"), f"{name} offsets")
+        if len(offsets) != 2:
+            raise EmbeddingFormatError(f"{name} offsets must be [start, end]")
+        start, end = offsets
+        count = 1
+        for dim in shape:
+            count *= dim
+        if end - start != count * _ITEM_SIZE[info["dtype"]] or start < 0:
+            raise EmbeddingFormatError(f"{name} offsets do not match its shape")
+        shapes[name] = shape
+        spans.append((start, end))
+    seq = shapes["prompt_embeds"]
+    pooled = shapes["pooled_prompt_embeds"]
+    if len(seq) != 3 or seq[0] != 1 or not (1 <= seq[1] <= MAX_SEQ_LEN) or not (1 <= seq[2] <= MAX_WIDTH):
+        raise EmbeddingFormatError(f"prompt_embeds shape {seq} is not [1, tokens, width]")
+    if len(pooled) != 2 or pooled[0] != 1 or not (1 <= pooled[1] <= MAX_WIDTH):
+        raise EmbeddingFormatError(f"pooled_prompt_embeds shape {pooled} is not [1, width]")
+    if shapes["negative_prompt_embeds"] != seq or shapes["negative_pooled_prompt_embeds"] != pooled:
+        raise EmbeddingFormatError("negative tensors must have the same shapes as the positive ones")
+    spans.sort()
+    if spans[0][0] != 0 or spans[-1][1] != body_len or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise EmbeddingFormatError("tensor data does not exactly fill the file")
+
+
+def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], EncodingSettings, bool]:
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        raise EmbeddingFormatError(f"not an {SCHEMA} file")
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise EmbeddingFormatError(f"schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    try:
+        texts = json.loads(meta["texts"])
+        settings_raw = json.loads(meta["settings"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise EmbeddingFormatError("metadata texts/settings are missing or not JSON") from None
+    if not isinstance(texts, dict) or set(texts) != set(TEXT_FIELDS):
+        raise EmbeddingFormatError("metadata texts must name exactly the four prompt fields")
+    for name, value in texts.items():
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT_CHARS):
+            raise EmbeddingFormatError(f"metadata text {name} is not a string of sane length")
+    if not isinstance(texts["prompt"], str):
+        raise EmbeddingFormatError("metadata prompt must be a string")
+    expected = {"fingerprint": str, "clip_skip": (int, type(None)), "dtype": str, "force_zeros": bool}
+    if not isinstance(settings_raw, dict) or set(settings_raw) != set(expected):
+        raise EmbeddingFormatError("metadata settings have the wrong fields")
+    for name, kind in expected.items():
+        if not isinstance(settings_raw[name], kind) or (name == "clip_skip" and settings_raw[name] is True):
+            raise EmbeddingFormatError(f"metadata setting {name} has the wrong type")
+    if settings_raw["dtype"] not in DTYPES:
+        raise EmbeddingFormatError(f"metadata dtype {settings_raw['dtype']!r} is not one of {sorted(DTYPES)}")
+    key = meta.get("key")
+    if not isinstance(key, str) or len(key) != 64:
+        raise EmbeddingFormatError("metadata key is missing")
+    if meta.get("truncated") not in ("true", "false"):
+        raise EmbeddingFormatError("metadata truncated must be 'true' or 'false'")
+    return key, texts, EncodingSettings(**settings_raw), meta["truncated"] == "true"
+
+
+def decode_embeddings(data: bytes, expected_key: str | None = None) -> Embeddings:
+    """Validate everything (layout, metadata, key) and only then materialise the tensors."""
+    header, body_start = _header(data)
+    key, texts, settings, truncated = _metadata(header)
+    _check_layout(header, len(data) - body_start, settings.dtype)
+    if embedding_key(texts, settings) != key:
+        raise EmbeddingFormatError("key in metadata does not match the texts and settings")
+    if expected_key is not None and key != expected_key:
+        raise EmbeddingFormatError(f"holds key {key[:12]}..., expected {expected_key[:12]}...")
+    try:
+        tensors = st_load(data)
+    except Exception as err:  # safetensors raises its own error types for malformed bodies
+        raise EmbeddingFormatError(f"safetensors body is unreadable: {err}") from None
+    return Embeddings(key=key, texts=texts, settings=settings, tensors=tensors, truncated=truncated)

@@ -1,0 +1,30 @@
+"""Loads half of an SDXL pipeline: the text side for the encoder, the denoising side for the denoiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from sdxl_split.shared.models.resolve import ModelSource
+
+TEXT_ONLY = {"unet": None, "vae": None, "scheduler": None}
+DENOISE_ONLY = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
+
+
+def load_partial_pipeline(
+    source: ModelSource, skip: dict[str, None], dtype: torch.dtype, **extra: Any
+) -> StableDiffusionXLPipeline:
+    """Build diffusers' own SDXL pipeline with the other side's components set to None.
+
+    Passing None makes diffusers skip loading those weights entirely, so each process holds only its
+    half, while the code that turns embeddings into images stays diffusers' own.
+    """
+    kwargs: dict[str, Any] = {**skip, "torch_dtype": dtype, **extra}
+    if source.kind == "single_file":
+        return StableDiffusionXLPipeline.from_single_file(
+            source.location, config=str(source.config_dir), local_files_only=True, **kwargs
+        )
+    if source.kind == "hub":
+        return StableDiffusionXLPipeline.from_pretrained(source.location, revision=source.revision, **kwargs)
+    return StableDiffusionXLPipeline.from_pretrained(source.location, **kwargs)

@@ -1,0 +1,212 @@
+"""Turns a --model value into a concrete source (built-in, local folder, single file or hub repo) and fingerprints it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sdxl_split.shared.errors import ModelNotFoundError, UserError
+from sdxl_split.shared.models.architectures import ARCHITECTURES
+from sdxl_split.shared.models.builder import MARKER_FILE, build_model, write_config_folder
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+BUILTIN_MODELS = tuple(ARCHITECTURES)
+# Components whose weights and files decide the text embeddings, and those that decide the pixels.
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+DENOISE_COMPONENTS = ("unet", "vae", "vae_tiny", "scheduler")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SINGLE_FILE_SUFFIXES = (".safetensors",)
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+SourceKind = Literal["builtin", "folder", "single_file", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's components come from. `location` is a folder, a file, or a hub repo id."""
+
+    spec: str
+    kind: SourceKind
+    location: str
+    revision: str | None = None
+    # Local folder holding model_index.json: the model itself, the hub snapshot, or (for single-file
+    # checkpoints) SDXL base's configs and tokenizers.
+    config_dir: Path | None = None
+    random_weights: bool = False
+    architecture: str | None = None
+
+    @property
+    def description(self) -> str:
+        note = " (random weights: memory and FLOPs are real, images are noise)" if self.random_weights else ""
+        return f"{self.spec}{note}"
+
+
+def builtin_model_dir(cache_dir: Path, name: str) -> Path:
+    return cache_dir / "models" / name
+
+
+def _read_marker(folder: Path) -> dict:
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        return {}
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _folder_source(spec: str, folder: Path) -> ModelSource:
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"{folder} is a folder but has no model_index.json; point --model at a diffusers SDXL folder "
+            "(the one holding model_index.json, unet/, vae/, text_encoder/ ...)"
+        )
+    marker = _read_marker(folder)
+    return ModelSource(
+        spec=spec,
+        kind="folder",
+        location=str(folder.resolve()),
+        config_dir=folder.resolve(),
+        random_weights=bool(marker.get("random_weights", False)),
+        architecture=marker.get("architecture"),
+    )
+
+
+def _ensure_builtin(name: str, cache_dir: Path, announce: Callable[[str], None]) -> Path:
+    folder = builtin_model_dir(cache_dir, name)
+    if not (folder / MARKER_FILE).is_file():
+        announce(f"building the built-in '{name}' model (random weights) into {folder} ...")
+        try:
+            build_model(ARCHITECTURES[name], folder, dtype=_builtin_dtype(name))
+        except FileExistsError:
+            # Another process finished the same build first; its folder is complete once renamed.
+            if not (folder / MARKER_FILE).is_file():
+                raise UserError(f"{folder} exists but is not a complete model; remove it and retry") from None
+    return folder
+
+
+def _builtin_dtype(name: str):
+    import torch
+
+    # The tiny model is for CPU tests in fp32; the full-size one matches the hub's fp16 variant on disk.
+    return torch.float32 if name == "tiny" else torch.float16
+
+
+def _single_file_source(spec: str, path: Path, cache_dir: Path) -> ModelSource:
+    # Single-file checkpoints carry no configs or tokenizers; ship SDXL base's own so loading stays offline.
+    config_dir = cache_dir / "models" / "sdxl-base-configs"
+    if not (config_dir / "model_index.json").is_file():
+        write_config_folder(ARCHITECTURES["sdxl-random"], config_dir)
+    return ModelSource(spec=spec, kind="single_file", location=str(path.resolve()), config_dir=config_dir)
+
+
+def _hub_source(spec: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = snapshot_download(spec, revision=revision, allow_patterns=["model_index.json"])
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(
+            f"cannot fetch model '{spec}' from the Hugging Face hub ({reason[:160]}); "
+            "use --model tiny to try sdxl-split offline, or --model PATH for a local diffusers folder "
+            "or .safetensors checkpoint"
+        ) from None
+    # The snapshot folder is named after the commit, which pins the revision for the fingerprint.
+    return ModelSource(
+        spec=spec, kind="hub", location=spec, revision=Path(snapshot).name, config_dir=Path(snapshot)
+    )
+
+
+def resolve_model(
+    spec: str,
+    cache_dir: Path,
+    revision: str | None = None,
+    announce: Callable[[str], None] = lambda message: None,
+) -> ModelSource:
+    """Resolve --model: a built-in name, a local folder, a .safetensors file, or a hub repo id."""
+    if spec in BUILTIN_MODELS:
+        folder = _ensure_builtin(spec, cache_dir, announce)
+        return _folder_source(spec, folder)
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return _folder_source(spec, path)
+    if path.is_file():
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise UserError(
+                f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors first"
+            )
+        if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
+            raise UserError(f"{path} is not a .safetensors checkpoint or a diffusers folder")
+        return _single_file_source(spec, path, cache_dir)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(_SINGLE_FILE_SUFFIXES):
+        raise UserError(f"model path {spec} does not exist")
+    if not _HUB_ID.match(spec):
+        raise UserError(
+            f"--model {spec!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}), an existing path, "
+            "or a hub id like owner/name"
+        )
+    return _hub_source(spec, revision)
+
+
+def model_index(source: ModelSource) -> dict:
+    """The model's model_index.json, readable without loading any weights."""
+    assert source.config_dir is not None
+    try:
+        return json.loads((source.config_dir / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read model_index.json of {source.spec}: {err}") from None
+
+
+def _file_digest(path: Path, memo: dict[str, list]) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    seen = memo.get(key)
+    if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
+        return seen[2]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    memo[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return memo[key][2]
+
+
+def fingerprint(source: ModelSource, components: tuple[str, ...], cache_dir: Path) -> str:
+    """Identity of the parts of a model that matter to one side: repo+revision, or a content hash.
+
+    Content hashes of multi-GB weights are memoised by (path, size, mtime) under the cache dir, so
+    only the first run after a model changes pays for reading it.
+    """
+    if source.kind == "hub":
+        return f"hub:{source.location}@{source.revision}"
+    memo_path = cache_dir / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    outer = hashlib.sha256()
+    if source.kind == "single_file":
+        outer.update(_file_digest(Path(source.location), memo).encode())
+    root = source.config_dir
+    assert root is not None
+    files = [root / "model_index.json"]
+    for component in components:
+        if (root / component).is_dir():
+            files.extend(sorted(p for p in (root / component).rglob("*") if p.is_file()))
+    for file in files:
+        if file.is_file():
+            outer.update(str(file.relative_to(root)).encode() + b"\0" + _file_digest(file, memo).encode())
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo, sort_keys=True))
+    os.replace(tmp, memo_path)
+    return f"sha256:{outer.hexdigest()}"

@@ -1,0 +1,117 @@
+"""Prompt files (plain text or JSONL): parsed and validated whole before any work starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sdxl_split.shared.errors import UserError
+
+JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id"}
+_TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+MAX_COUNT = 64
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One prompt as the user wrote it. `seed`/`count` of None mean: use the renderer's defaults."""
+
+    line: int
+    prompt: str
+    prompt_2: str | None = None
+    negative_prompt: str | None = None
+    negative_prompt_2: str | None = None
+    seed: int | None = None
+    count: int | None = None
+    id: str | None = None
+
+    def texts(self) -> dict[str, str | None]:
+        return {name: getattr(self, name) for name in _TEXT_FIELDS}
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    path: Path
+    entries: tuple[PromptEntry, ...]
+    skipped_lines: int
+
+
+def _fail(path: Path, line: int, message: str) -> UserError:
+    return UserError(f"{path}:{line}: {message}")
+
+
+def _is_jsonl(path: Path, lines: list[str]) -> bool:
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return True
+    first = next((s.strip() for s in lines if s.strip() and not s.strip().startswith("#")), "")
+    return path.suffix.lower() != ".txt" and first.startswith("{")
+
+
+def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _fail(path, number, f"invalid JSON ({err.msg} at column {err.colno}); "
+                    "each line must be one JSON object like {\"prompt\": \"...\"}") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, number, "each JSONL line must be a JSON object like {\"prompt\": \"...\"}")
+    unknown = sorted(set(obj) - JSONL_FIELDS)
+    if unknown:
+        raise _fail(path, number, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(JSONL_FIELDS))}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _fail(path, number, "'prompt' is required and must be a non-empty string")
+    for name in _TEXT_FIELDS[1:] + ("id",):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise _fail(path, number, f"{name!r} must be a string")
+    for name, low, high in (("seed", 0, 2**63 - 1), ("count", 1, MAX_COUNT)):
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise _fail(path, number, f"{name!r} must be an integer from {low} to {high}")
+    return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS})
+
+
+def parse_prompt_file(path: Path, default_negative: str | None = None) -> PromptFile:
+    """Parse and validate the whole file; raise UserError naming file:line on the first problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such prompt file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a prompt file (one prompt per line, or JSONL)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise _fail(path, line, "not valid UTF-8; re-save the file as UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if text.endswith(("\n", "\r")):
+        lines.pop()
+    jsonl = _is_jsonl(path, lines)
+    entries: list[PromptEntry] = []
+    skipped = 0
+    for number, line in enumerate(lines, start=1):
+        if "\x00" in line:
+            raise _fail(path, number, "contains a NUL byte; is this a binary file?")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            skipped += 1
+            continue
+        entries.append(_jsonl_entry(path, number, stripped) if jsonl else PromptEntry(line=number, prompt=stripped))
+    if not entries:
+        raise UserError(f"{path}: no prompts found; write one prompt per line (lines starting with # are comments)")
+    ids = [e.id for e in entries if e.id is not None]
+    if len(ids) != len(set(ids)):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        line = next(e.line for e in entries if e.id == dup and ids.count(dup) > 1)
+        raise _fail(path, line, f"id {dup!r} is used more than once; ids must be unique")
+    if default_negative is not None:
+        entries = [e if e.negative_prompt is not None else replace(e, negative_prompt=default_negative)
+                   for e in entries]
+    return PromptFile(path=path, entries=tuple(entries), skipped_lines=skipped)
