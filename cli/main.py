@@ -55,10 +55,14 @@ def cli(ctx: click.Context, model: str, revision: str | None, cache_dir: str | N
 
 
 def _register_commands() -> None:
-    from sdxl_split.cli import encode_cmd, model_cmd
+    # One line per command module, so commands can be added without touching each other.
+    from sdxl_split.cli.encode_cmd import encode
+    from sdxl_split.cli.model_cmd import model
+    from sdxl_split.cli.render_cmd import render
 
-    cli.add_command(model_cmd.model)
-    cli.add_command(encode_cmd.encode)
+    cli.add_command(model)
+    cli.add_command(encode)
+    cli.add_command(render)
 
 
 _register_commands()

@@ -1,0 +1,178 @@
+"""`sdxl-split render`: UNet + VAE only; renders cached embeddings (--prompts) or a live encoder's stream."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype, notice, print_json, resolve
+from sdxl_split.cli.encode_cmd import encoding_options, encoding_settings
+from sdxl_split.denoiser_service.config import (
+    ATTENTION,
+    COMPILE_MODES,
+    OFFLOAD,
+    SCHEDULERS,
+    VAE_KINDS,
+    RenderConfig,
+    parse_size,
+    validate,
+)
+from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.outputs import OutputDir
+from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, make_job
+from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embeddings import embedding_key
+from sdxl_split.shared.memory import MemoryMeter, format_memory_line
+from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint
+from sdxl_split.shared.prompts import parse_prompt_file
+from sdxl_split.shared.settings import GlobalOptions
+from tqdm import tqdm
+
+EXIT_SOME_FAILED = 3
+
+
+def render_options(func):
+    """The denoiser's knobs; `run` and `bench` take the same ones."""
+    options = [
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("images"),
+                     show_default=True, help="Output folder for PNGs and manifest.jsonl."),
+        click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present, else cpu]."),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                     help="UNet/VAE dtype [default: fp16 on GPU, fp32 on CPU]."),
+        click.option("--attention", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
+                     help="sdpa = PyTorch scaled_dot_product_attention; default = the classic AttnProcessor."),
+        click.option("--compile", "compile_unet", is_flag=True,
+                     help="torch.compile the UNet (fullgraph). The first image compiles; a new size or batch "
+                          "recompiles."),
+        click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True),
+        click.option("--vae", type=click.Choice(VAE_KINDS), default="full", show_default=True,
+                     help="full = the model's AutoencoderKL; tiny = AutoencoderTiny (taesdxl), fast previews."),
+        click.option("--vae-model", default=None,
+                     help="Tiny VAE to use with --vae tiny [default: the model's vae_tiny/, else madebyollin/taesdxl]."),
+        click.option("--vae-slicing", is_flag=True, help="Decode the batch one image at a time."),
+        click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
+        click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),
+        click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
+                     help="CPU offload: model (whole models), sequential (every layer), group (blocks, overlapped)."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True),
+        click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
+        click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Images per prompt (a JSONL 'count' overrides it)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it)."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def render_config_from(kw: dict) -> RenderConfig:
+    import torch
+
+    device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    width, height = parse_size(kw["size"])
+    config = RenderConfig(
+        out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
+        compile=kw["compile_unet"], compile_mode=kw["compile_mode"], vae=kw["vae"], vae_model=kw["vae_model"],
+        vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
+        offload=kw["offload"], steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
+        images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
+    )
+    validate(config, torch.cuda.is_available())
+    if not config.device.startswith("cuda"):
+        check_device(config.device)
+    return config
+
+
+def model_identity(opts: GlobalOptions, source: ModelSource) -> ModelIdentity:
+    return ModelIdentity(name=opts.model, fingerprint=fingerprint(source, DENOISE_COMPONENTS, opts.cache_dir))
+
+
+def denoiser_loader(source: ModelSource, config: RenderConfig, meter: MemoryMeter):
+    def load() -> Denoiser:
+        from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+
+        notice(f"loading UNet + {config.vae} VAE of {source.description} on {config.device} ({config.dtype}, "
+               f"attention {config.attention}, offload {config.offload})")
+        if config.compile:
+            notice("--compile: the first image compiles the UNet (slow); a new size or batch recompiles")
+        with meter.phase("load"):
+            pipe = load_denoiser_pipeline(source, config)
+        return Denoiser(pipe, config, meter)
+
+    return load
+
+
+def cuda_index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+@click.command("render")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="Render every prompt of this file from the embedding cache (no encoder needed).")
+@encoding_options
+@render_options
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
+@click.pass_obj
+def render(opts: GlobalOptions, prompts: Path | None, negative_prompt: str | None, clip_skip: int | None,
+           encoder_dtype: str | None, encoder_device: str, as_json: bool, **kw) -> None:
+    """Render images with the UNet and a VAE only; no text encoder is ever loaded.
+
+    With --prompts FILE, renders each prompt's cached embeddings (run `encode FILE` first; the
+    encoding options must match those used there). File names derive from a hash of the
+    embeddings, seed, size, steps, guidance and scheduler, so re-running renders only what is
+    missing.
+    """
+    config = render_config_from(kw)
+    if prompts is None:
+        raise click.UsageError("pass --prompts FILE (streaming from a live encoder arrives with --connect)")
+    prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
+    source = resolve(opts)
+    settings = encoding_settings(opts, source, default_dtype(encoder_device, encoder_dtype), clip_skip)
+    cache = EmbeddingCache(opts.embeddings_dir)
+    identity = model_identity(opts, source)
+    jobs, missing = [], []
+    for entry in prompt_file.entries:
+        found = cache.lookup(embedding_key(entry.texts(), settings))
+        if found.hit:
+            assert found.record is not None
+            jobs.append(make_job(entry, found.record, config, identity))
+        else:
+            missing.append((entry, found.problem))
+    for entry, problem in missing:
+        notice(f"missing embeddings for {prompts}:{entry.line} {entry.prompt[:60]!r}"
+               + (f" ({problem})" if problem else ""))
+    if missing:
+        from sdxl_split.cli.encode_cmd import render_later_command  # noqa: F401  (same flags, mirrored)
+
+        notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: "
+               f"sdxl-split --model {opts.model} encode {prompts}"
+               + (f" --negative-prompt {negative_prompt!r}" if negative_prompt else "")
+               + (f" --clip-skip {clip_skip}" if clip_skip is not None else ""))
+    meter = MemoryMeter(cuda_device=cuda_index(config.device))
+    renderer = Renderer(denoiser_loader(source, config, meter), OutputDir(config.out_dir))
+    with tqdm(total=sum(j.count for j in jobs), unit="img", desc="render", disable=True if as_json else None,
+              leave=False) as bar:
+        for job in jobs:
+            try:
+                renderer.run(job)
+            except JobError as err:
+                tqdm.write(f"error: {prompts}:{job.entry.line}: {err}", file=sys.stderr)
+            bar.update(job.count)
+    stats = renderer.stats
+    memory = meter.summary()
+    meter.close()
+    if as_json:
+        print_json({"stats": {**vars(stats), "seconds_per_image": stats.seconds_per_image, "missing": len(missing)},
+                    "memory": memory, "config": config.as_dict(), "model": source.description})
+    else:
+        click.echo(f"{stats.images} images rendered, {stats.existing} already there, {stats.failed_jobs} jobs failed, "
+                   f"{len(missing)} prompts missing; {stats.seconds_per_image:.2f} s/image -> {config.out_dir}")
+        click.echo(f"denoiser memory: {format_memory_line(memory)}")
+    if missing or stats.failed_jobs:
+        sys.exit(EXIT_SOME_FAILED)

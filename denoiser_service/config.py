@@ -1,0 +1,91 @@
+"""The denoiser's settings: one frozen record built by the CLI, checked for impossible combinations up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sdxl_split.shared.errors import UserError
+
+ATTENTION = ("sdpa", "default")
+VAE_KINDS = ("full", "tiny")
+OFFLOAD = ("none", "model", "sequential", "group")
+# CLI name -> (diffusers scheduler class, extra config, A1111 sampler name for PNG metadata).
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+DEFAULT_TAESDXL = "madebyollin/taesdxl"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    out_dir: Path = Path("images")
+    device: str = "cpu"
+    dtype: str = "fp32"
+    attention: str = "sdpa"
+    compile: bool = False
+    compile_mode: str = "default"
+    vae: str = "full"
+    vae_model: str | None = None
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    vae_tile_size: int = 512
+    offload: str = "none"
+    steps: int = 25
+    guidance: float = 5.0
+    width: int = 1024
+    height: int = 1024
+    images_per_prompt: int = 1
+    seed: int = 0
+    scheduler: str = "euler"
+
+    def pixel_settings(self) -> dict:
+        """The settings that decide an image's pixels; they go into every job id and file name."""
+        return {
+            "width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
+            "scheduler": self.scheduler, "vae": self.vae, "vae_model": self.vae_model, "dtype": self.dtype,
+        }
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "out_dir": str(self.out_dir)}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r} must look like 1024x1024 (WIDTHxHEIGHT)") from None
+    return width, height
+
+
+def validate(config: RenderConfig, cuda_available: bool) -> None:
+    """Refuse combinations that cannot work, before any model is loaded."""
+    on_gpu = config.device.startswith("cuda")
+    for value, name in ((config.width, "width"), (config.height, "height")):
+        if value < 8 or value % 8:
+            raise UserError(f"image {name} {value} must be a positive multiple of 8 (the VAE works in 8x8 blocks)")
+    if config.device.startswith("cuda") and not cuda_available:
+        raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
+    if config.offload != "none" and not on_gpu:
+        raise UserError(f"--offload {config.offload} moves weights between CPU and GPU, so it needs --device cuda")
+    if config.compile and config.offload != "none":
+        raise UserError(
+            f"--compile cannot be combined with --offload {config.offload}: offload hooks move weights during "
+            "forward and break compiled graphs (diffusers #4399, accelerate #3885); pick one"
+        )
+    if config.compile and config.compile_mode == "reduce-overhead" and not on_gpu:
+        raise UserError("--compile-mode reduce-overhead uses CUDA graphs and needs --device cuda")
+    if config.vae_model is not None and config.vae != "tiny":
+        raise UserError("--vae-model names a tiny autoencoder; add --vae tiny")
+    if config.vae_tiling and (config.vae_tile_size < 64 or config.vae_tile_size % 64):
+        raise UserError("--vae-tile-size must be a multiple of 64 pixels")
+    if config.steps < 1 or config.images_per_prompt < 1:
+        raise UserError("--steps and --images-per-prompt must be at least 1")
+    if config.scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")

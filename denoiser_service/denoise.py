@@ -1,0 +1,113 @@
+"""Turns one prompt's embeddings into images: diffusers' denoising loop, then a guarded VAE decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.pipeline import expected_widths
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.memory import MemoryMeter
+
+
+class JobError(Exception):
+    """This job cannot be rendered (bad embeddings for this model, NaN output); other jobs go on."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    images: list[Image.Image]
+    # True when fp16 produced NaN/Inf and the decode was redone in fp32.
+    retried_fp32: bool
+
+
+def generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed+i, so seeds reproduce across devices and processes."""
+    return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
+
+
+class Denoiser:
+    def __init__(self, pipe: StableDiffusionXLPipeline, config: RenderConfig, meter: MemoryMeter) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.meter = meter
+        self.widths = expected_widths(pipe)
+
+    def check(self, record: Embeddings) -> None:
+        if record.widths != self.widths:
+            raise JobError(
+                f"embeddings are {record.widths[0]}/{record.widths[1]} wide but this UNet takes "
+                f"{self.widths[0]}/{self.widths[1]}: they were encoded with a different model"
+            )
+
+    @torch.inference_mode()
+    def render(self, record: Embeddings, seed: int, count: int) -> Decoded:
+        self.check(record)
+        t = record.tensors
+        with self.meter.phase("denoise"):
+            latents = self.pipe(
+                prompt_embeds=t["prompt_embeds"],
+                negative_prompt_embeds=t["negative_prompt_embeds"],
+                pooled_prompt_embeds=t["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=t["negative_pooled_prompt_embeds"],
+                num_images_per_prompt=count,
+                generator=generators(seed, count),
+                height=self.config.height,
+                width=self.config.width,
+                num_inference_steps=self.config.steps,
+                guidance_scale=self.config.guidance,
+                output_type="latent",
+            ).images
+        with self.meter.phase("decode"):
+            return self.decode(latents)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decode step of StableDiffusionXLPipeline.__call__, kept op-for-op so pixels match it."""
+        vae = self.pipe.vae
+        cfg = vae.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        latents = latents.to(_execution_device(vae))
+        return vae.decode(latents, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> Decoded:
+        vae = self.pipe.vae
+        # SDXL's VAE overflows in fp16; its config asks for an fp32 decode (force_upcast), as diffusers does.
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        retried = False
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(torch.float32)
+        try:
+            image = self._vae_decode(latents)
+            if not torch.isfinite(image).all():
+                if vae.dtype == torch.float32:
+                    raise JobError("the VAE decoded NaN/Inf even in fp32; this image cannot be rendered")
+                original = vae.dtype
+                vae.to(dtype=torch.float32)
+                try:
+                    image = self._vae_decode(latents.to(torch.float32))
+                finally:
+                    vae.to(dtype=original)
+                retried = True
+                if not torch.isfinite(image).all():
+                    raise JobError("the VAE decoded NaN/Inf in fp16 and again in fp32; not writing a black image")
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        images = self.pipe.image_processor.postprocess(image, output_type="pil")
+        self.pipe.maybe_free_model_hooks()
+        return Decoded(images=images, retried_fp32=retried)
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    return get_module_execution_device(module)

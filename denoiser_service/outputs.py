@@ -1,0 +1,120 @@
+"""Writes rendered images: atomic PNGs with A1111 and JSON metadata, and an append-only manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from sdxl_split.shared.atomic import append_line, atomic_write_bytes
+
+MANIFEST = "manifest.jsonl"
+CONFIG_CHUNK = "sdxl-split"
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    image_id: str
+    job_id: str
+    index: int
+    seed: int
+    prompt: str
+    negative_prompt: str | None
+    embedding_key: str
+    sampler: str
+    model: str
+    model_hash: str
+    config: dict
+
+    def a1111_parameters(self) -> str:
+        """The `parameters` text chunk in the form A1111, ComfyUI and most image browsers read."""
+        c = self.config
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {c['steps']}, Sampler: {self.sampler}, CFG scale: {c['guidance']}, Seed: {self.seed}, "
+            f"Size: {c['width']}x{c['height']}, Model hash: {self.model_hash[:10]}, Model: {self.model}"
+        )
+        return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, meta: ImageMeta) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", meta.a1111_parameters())
+    info.add_text(CONFIG_CHUNK, json.dumps({
+        "image_id": meta.image_id, "job_id": meta.job_id, "index": meta.index, "seed": meta.seed,
+        "embedding_key": meta.embedding_key, "model": meta.model, "config": meta.config,
+    }, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    path: Path
+    sha256: str
+    existed: bool
+
+
+class OutputDir:
+    """One output folder. Existence of the final file means it is complete: every write is a rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.manifest = root / MANIFEST
+        self._recorded = self._read_manifest_ids()
+
+    def _read_manifest_ids(self) -> set[str]:
+        if not self.manifest.is_file():
+            return set()
+        ids = set()
+        for line in self.manifest.read_text("utf-8", errors="replace").splitlines():
+            try:
+                ids.add(json.loads(line)["image_id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line from a crash; the image is re-recorded below
+        return ids
+
+    def exists(self, filename: str) -> bool:
+        return (self.root / filename).is_file()
+
+    def adopt(self, filename: str, meta: ImageMeta) -> WrittenImage:
+        """An image a previous run finished: keep it, and make sure the manifest lists it."""
+        path = self.root / filename
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.record(filename, digest, meta)
+        return WrittenImage(path=path, sha256=digest, existed=True)
+
+    def write(self, filename: str, image: Image.Image, meta: ImageMeta) -> WrittenImage:
+        if self.exists(filename):
+            return self.adopt(filename, meta)
+        data = png_bytes(image, meta)
+        atomic_write_bytes(self.root / filename, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self.record(filename, digest, meta)
+        return WrittenImage(path=self.root / filename, sha256=digest, existed=False)
+
+    def record(self, filename: str, digest: str, meta: ImageMeta) -> None:
+        if meta.image_id in self._recorded:
+            return
+        append_line(self.manifest, json.dumps({
+            "image_id": meta.image_id, "job_id": meta.job_id, "file": filename, "sha256": digest,
+            "index": meta.index, "seed": meta.seed, "prompt": meta.prompt, "negative_prompt": meta.negative_prompt,
+            "embedding_key": meta.embedding_key, "time": time.time(),
+        }, sort_keys=True, ensure_ascii=False))
+        self._recorded.add(meta.image_id)
+
+
+def read_png_metadata(path: Path) -> tuple[str, dict]:
+    """(A1111 parameters text, sdxl-split JSON) of a PNG written here."""
+    with Image.open(path) as image:
+        text = image.text  # type: ignore[attr-defined]
+        return text["parameters"], json.loads(text[CONFIG_CHUNK])

@@ -1,0 +1,87 @@
+"""Loads the denoising half (UNet, scheduler, full or tiny VAE) and applies the seed's optimizations to it."""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
+from sdxl_split.shared.embeddings import DTYPES
+from sdxl_split.shared.errors import ModelNotFoundError
+from sdxl_split.shared.models.builder import TINY_VAE_SUBFOLDER
+from sdxl_split.shared.models.loading import DENOISE_ONLY, load_partial_pipeline
+from sdxl_split.shared.models.resolve import ModelSource
+
+
+def tiny_vae_location(source: ModelSource, config: RenderConfig) -> str:
+    """--vae-model if given; else the model's own vae_tiny/ (built-in models carry one); else taesdxl."""
+    if config.vae_model:
+        return config.vae_model
+    if source.config_dir is not None and (source.config_dir / TINY_VAE_SUBFOLDER / "config.json").is_file():
+        return str(source.config_dir / TINY_VAE_SUBFOLDER)
+    return DEFAULT_TAESDXL
+
+
+def load_tiny_vae(location: str, dtype: torch.dtype) -> AutoencoderTiny:
+    try:
+        return AutoencoderTiny.from_pretrained(location, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelNotFoundError(
+            f"cannot load the tiny VAE '{location}' ({first}); pass --vae-model PATH to a local AutoencoderTiny "
+            "folder, or use --vae full"
+        ) from None
+
+
+def configure_tiling(vae: torch.nn.Module, tile_px: int) -> None:
+    """Tile at `tile_px`: diffusers' default tile is the VAE's sample_size (1024 for SDXL), so a 1024^2 decode
+    would otherwise run as a single tile and save nothing."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    scale = getattr(vae, "spatial_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_latent_min_size = tile_px // scale
+
+
+def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
+    dtype = DTYPES[config.dtype]
+    extra = {}
+    if config.vae == "tiny":
+        # Passing the tiny VAE in means the full VAE's weights are never read.
+        extra["vae"] = load_tiny_vae(tiny_vae_location(source, config), dtype)
+    pipe = load_partial_pipeline(source, DENOISE_ONLY, dtype, add_watermarker=False, **extra)
+    class_name, overrides, _ = SCHEDULERS[config.scheduler]
+    if type(pipe.scheduler).__name__ != class_name or overrides:
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    if config.attention == "default":
+        pipe.unet.set_default_attn_processor()
+        if hasattr(pipe.vae, "set_default_attn_processor"):
+            pipe.vae.set_default_attn_processor()
+    if config.vae_slicing:
+        pipe.vae.enable_slicing()
+    if config.vae_tiling:
+        configure_tiling(pipe.vae, config.vae_tile_size)
+    device = torch.device(config.device)
+    if config.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif config.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif config.offload == "group":
+        # Block-level groups with a side stream overlap the next block's upload with this block's compute.
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    else:
+        pipe.to(device)
+    if config.compile:
+        pipe.unet = torch.compile(pipe.unet, mode=None if config.compile_mode == "default" else config.compile_mode,
+                                  fullgraph=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def expected_widths(pipe: StableDiffusionXLPipeline) -> tuple[int, int]:
+    """(prompt_embeds width, pooled width) this UNet accepts, read from its config."""
+    cfg = pipe.unet.config
+    return int(cfg.cross_attention_dim), int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+
+
+

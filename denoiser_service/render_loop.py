@@ -1,0 +1,105 @@
+"""The render loop: one job (a prompt's embeddings, seed and image count) at a time, skipping finished images."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir, WrittenImage
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.jobs import image_filename, image_id, job_id
+from sdxl_split.shared.prompts import PromptEntry
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    job_id: str
+    entry: PromptEntry
+    record: Embeddings
+    seed: int
+    count: int
+    metas: tuple[ImageMeta, ...]
+    filenames: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """How the denoising model is named in file metadata and job ids."""
+
+    name: str
+    fingerprint: str
+
+
+def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity) -> RenderJob:
+    seed = entry.seed if entry.seed is not None else config.seed
+    count = entry.count if entry.count is not None else config.images_per_prompt
+    job = job_id(record.key, seed, count, config.pixel_settings(), model.fingerprint)
+    metas, names = [], []
+    for index in range(count):
+        image = image_id(job, index)
+        metas.append(ImageMeta(
+            image_id=image, job_id=job, index=index, seed=seed + index, prompt=entry.prompt,
+            negative_prompt=entry.negative_prompt, embedding_key=record.key,
+            sampler=SCHEDULERS[config.scheduler][2], model=model.name, model_hash=model.fingerprint.split(":")[-1],
+            config={**config.pixel_settings(), "attention": config.attention, "compile": config.compile,
+                    "offload": config.offload, "vae_slicing": config.vae_slicing, "vae_tiling": config.vae_tiling,
+                    "base_seed": seed, "count": count, "clip_skip": record.settings.clip_skip,
+                    "prompt_2": entry.prompt_2, "negative_prompt_2": entry.negative_prompt_2},
+        ))
+        names.append(image_filename(entry.prompt, image))
+    return RenderJob(job, entry, record, seed, count, tuple(metas), tuple(names))
+
+
+@dataclass
+class RenderStats:
+    jobs: int = 0
+    images: int = 0
+    existing: int = 0
+    failed_jobs: int = 0
+    fp32_retries: int = 0
+    render_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.render_seconds / self.images if self.images else 0.0
+
+
+class Renderer:
+    """Loads the denoiser on first need, so a run whose images all exist never touches the UNet."""
+
+    def __init__(self, load: Callable[[], Denoiser], out: OutputDir) -> None:
+        self._load = load
+        self._denoiser: Denoiser | None = None
+        self.out = out
+        self.stats = RenderStats()
+
+    @property
+    def denoiser(self) -> Denoiser:
+        if self._denoiser is None:
+            self._denoiser = self._load()
+        return self._denoiser
+
+    def run(self, job: RenderJob) -> list[WrittenImage]:
+        """Render (or find) every image of the job. Raises JobError for a per-job failure."""
+        self.stats.jobs += 1
+        if all(self.out.exists(name) for name in job.filenames):
+            self.stats.existing += job.count
+            return [self.out.adopt(name, meta) for name, meta in zip(job.filenames, job.metas)]
+        started = time.perf_counter()
+        try:
+            decoded = self.denoiser.render(job.record, job.seed, job.count)
+        except JobError as err:
+            self.stats.failed_jobs += 1
+            self.stats.errors.append(f"line {job.entry.line}: {err}")
+            raise
+        self.stats.render_seconds += time.perf_counter() - started
+        self.stats.fp32_retries += int(decoded.retried_fp32)
+        written = [self.out.write(name, image, meta)
+                   for name, image, meta in zip(job.filenames, decoded.images, job.metas)]
+        self.stats.images += sum(not w.existed for w in written)
+        self.stats.existing += sum(w.existed for w in written)
+        return written

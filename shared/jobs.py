@@ -1,0 +1,28 @@
+"""Deterministic job and image ids: the same inputs always name the same output file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str) -> str:
+    """One job is one prompt's batch of `count` images; the batch size is part of it because batched
+    matmuls may differ in the last bit from unbatched ones."""
+    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, "model": model, **pixel_settings})
+
+
+def image_id(job: str, index: int) -> str:
+    return _digest({"job": job, "index": index})
+
+
+def image_filename(prompt: str, image: str) -> str:
+    slug = _SLUG.sub("-", prompt.lower()).strip("-")[:48].rstrip("-") or "prompt"
+    return f"{slug}-{image[:16]}.png"
