@@ -49,7 +49,7 @@ def render_options(func):
         click.option("--vae", type=click.Choice(VAE_KINDS), default="full", show_default=True,
                      help="full = the model's AutoencoderKL; tiny = AutoencoderTiny (taesdxl), fast previews."),
         click.option("--vae-model", default=None,
-                     help="Tiny VAE to use with --vae tiny [default: the model's vae_tiny/, else madebyollin/taesdxl]."),
+                     help="Tiny VAE for --vae tiny [default: the model's vae_tiny/, else madebyollin/taesdxl]."),
         click.option("--vae-slicing", is_flag=True, help="Decode the batch one image at a time."),
         click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
         click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),

@@ -81,7 +81,8 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
 def expected_widths(pipe: StableDiffusionXLPipeline) -> tuple[int, int]:
     """(prompt_embeds width, pooled width) this UNet accepts, read from its config."""
     cfg = pipe.unet.config
-    return int(cfg.cross_attention_dim), int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return int(cfg.cross_attention_dim), int(pooled)
 
 
 

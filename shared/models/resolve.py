@@ -1,4 +1,4 @@
-"""Turns a --model value into a concrete source (built-in, local folder, single file or hub repo) and fingerprints it."""
+"""Turns a --model value into a source (built-in, local folder, single file or hub repo) and fingerprints it."""
 
 from __future__ import annotations
 
