@@ -1,0 +1,508 @@
+"""The wire protocol between the encoder and its denoisers: message types, strict encode/decode, socket options.
+
+A message is a multipart ZeroMQ message. Frame 0 is a UTF-8 JSON header (at most 64 KiB)::
+
+    {"proto": "sdxl-split", "v": 1, "type": "JOB", ...fields}
+
+JOB alone carries a second frame: the safetensors bytes of the embedding record. On a ROUTER, zmq
+prepends the peer's identity frame; strip it and pass the rest to `decode`.
+
+The flow (credit-based load balancing, Paranoid Pirate heartbeats):
+
+    denoiser -> encoder   READY{credits}        announce capacity; sent once after connecting
+    encoder  -> denoiser  JOB{job_id, ...}      only against a credit
+    denoiser -> encoder   DONE{job_id, images}  returns one credit
+    denoiser -> encoder   ERROR{job_id, reason} a per-job failure; also returns one credit
+    both ways             HEARTBEAT             every HEARTBEAT_INTERVAL_S; HEARTBEAT_LIVENESS missed = dead
+    both ways             DEAD{reason}          the sender hit an unrecoverable failure and is stopping
+    both ways             BYE{reason}           orderly shutdown; the sender will send nothing more
+
+Nothing here is ever unpickled: headers are JSON, the payload is safetensors, and every field is
+checked for type and range before anything uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import zmq
+from sdxl_split.shared.embeddings import MAX_TEXT_CHARS, EmbeddingFormatError, Embeddings, decode_embeddings
+from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
+
+PROTOCOL_ID = "sdxl-split"
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+# Full-size SDXL fp32 embeddings are about 1.3 MB; 8 MiB leaves room for longer prompts without
+# letting a peer make us allocate without bound.
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3
+HIGH_WATER_MARK = 1000
+LINGER_MS = 1000
+MAX_REASON_CHARS = 2000
+MAX_WORKER_CHARS = 128
+MAX_DEVICE_CHARS = 64
+MAX_CREDITS = 64
+MAX_IMAGES = MAX_COUNT
+MAX_FILENAME_CHARS = 255
+MAX_PATH_CHARS = 4096
+_MAX_INT = 2**63 - 1
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ENVELOPE = ("proto", "v", "type")
+
+
+class ProtocolError(ValueError):
+    """Frames that are not a valid message of this protocol; the only error `decode` raises."""
+
+
+# ---- field checks, shared by construction (sender bugs) and decode (hostile or broken peers) ----
+
+
+def _int(value: Any, name: str, low: int, high: int = _MAX_INT) -> int:
+    # bool is an int subclass; True must never pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ProtocolError(f"{name} must be from {low} to {high}, got {value}")
+    return value
+
+
+def _str(value: Any, name: str, low: int, high: int) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be a string, got {type(value).__name__}")
+    if not low <= len(value) <= high:
+        raise ProtocolError(f"{name} must be {low} to {high} characters, got {len(value)}")
+    try:
+        # JSON can carry lone surrogates; they would make re-encoding (or a file name) fail later.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{name} is not valid Unicode text") from None
+    return value
+
+
+def _opt_str(value: Any, name: str, high: int = MAX_TEXT_CHARS) -> str | None:
+    return None if value is None else _str(value, name, 0, high)
+
+
+def _opt_int(value: Any, name: str, low: int, high: int) -> int | None:
+    return None if value is None else _int(value, name, low, high)
+
+
+def _hex64(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise ProtocolError(f"{name} must be 64 lowercase hex digits")
+    return value
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ProtocolError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _filename(value: Any, name: str) -> str:
+    value = _str(value, name, 1, MAX_FILENAME_CHARS)
+    # Receivers join this onto their output folder; anything but a plain basename could escape it.
+    if "/" in value or "\\" in value or "\x00" in value or value in (".", ".."):
+        raise ProtocolError(f"{name} must be a plain file name, got {value!r}")
+    if len(value.encode("utf-8")) > MAX_FILENAME_CHARS:
+        raise ProtocolError(f"{name} is longer than {MAX_FILENAME_CHARS} bytes")
+    return value
+
+
+def _exact_keys(obj: dict[str, Any], expected: Sequence[str], what: str) -> None:
+    missing = sorted(set(expected) - set(obj))
+    unknown = sorted(set(obj) - set(expected))
+    if missing:
+        raise ProtocolError(f"{what} is missing field {missing[0]!r}")
+    if unknown:
+        raise ProtocolError(f"{what} has unknown field {unknown[0]!r}")
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(PromptEntry))
+
+
+def _entry(value: Any, name: str) -> PromptEntry:
+    if isinstance(value, PromptEntry):
+        value = {f: getattr(value, f) for f in _ENTRY_FIELDS}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{name} must be an object")
+    _exact_keys(value, _ENTRY_FIELDS, name)
+    prompt = _str(value["prompt"], f"{name}.prompt", 1, MAX_TEXT_CHARS)
+    if not prompt.strip():
+        raise ProtocolError(f"{name}.prompt must not be blank")
+    return PromptEntry(
+        line=_int(value["line"], f"{name}.line", 0),
+        prompt=prompt,
+        prompt_2=_opt_str(value["prompt_2"], f"{name}.prompt_2"),
+        negative_prompt=_opt_str(value["negative_prompt"], f"{name}.negative_prompt"),
+        negative_prompt_2=_opt_str(value["negative_prompt_2"], f"{name}.negative_prompt_2"),
+        seed=_opt_int(value["seed"], f"{name}.seed", 0, _MAX_INT),
+        count=_opt_int(value["count"], f"{name}.count", 1, MAX_COUNT),
+        id=_opt_str(value["id"], f"{name}.id"),
+    )
+
+
+def _entry_json(entry: PromptEntry) -> dict[str, Any]:
+    return {f: getattr(entry, f) for f in _ENTRY_FIELDS}
+
+
+# ---- the closed set of message types ----
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A denoiser announces itself and how many jobs it will hold at once."""
+
+    credits: int
+    worker: str
+    pid: int
+    device: str
+    # Where its images land, as the denoiser sees it; the encoder's journal records it so a re-run on
+    # the same host can check finished images by hash without asking anyone.
+    out_dir: str = ""
+
+    TYPE = "READY"
+
+    def __post_init__(self) -> None:
+        _int(self.credits, "credits", 1, MAX_CREDITS)
+        _str(self.worker, "worker", 1, MAX_WORKER_CHARS)
+        _int(self.pid, "pid", 0)
+        _str(self.device, "device", 1, MAX_DEVICE_CHARS)
+        _str(self.out_dir, "out_dir", 0, MAX_PATH_CHARS)
+
+    def _header(self) -> dict[str, Any]:
+        return {"credits": self.credits, "worker": self.worker, "pid": self.pid, "device": self.device,
+                "out_dir": self.out_dir}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Ready:
+        return cls(credits=h["credits"], worker=h["worker"], pid=h["pid"], device=h["device"], out_dir=h["out_dir"])
+
+
+# eq=False: the record holds tensors, whose == is elementwise and has no truth value.
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One prompt's batch to render, with its embedding record; `payload` is the record's safetensors bytes."""
+
+    job_id: str
+    attempt: int
+    entry: PromptEntry
+    # Kept out of repr: megabytes of tensors and bytes would bury the job's identity in logs.
+    record: Embeddings = field(repr=False)
+    payload: bytes = field(repr=False)
+
+    TYPE = "JOB"
+
+    def __post_init__(self) -> None:
+        _hex64(self.job_id, "job_id")
+        _int(self.attempt, "attempt", 1)
+        if not isinstance(self.entry, PromptEntry):
+            raise ProtocolError("entry must be a PromptEntry")
+        _entry(self.entry, "entry")
+        if not isinstance(self.record, Embeddings):
+            raise ProtocolError("record must be an Embeddings record")
+        _hex64(self.record.key, "embedding_key")
+        if not isinstance(self.payload, bytes):
+            raise ProtocolError("payload must be bytes")
+        # A job whose prompt texts differ from its embeddings would render one prompt and label it another.
+        if self.entry.texts() != self.record.texts:
+            raise ProtocolError("entry texts do not match the texts the embeddings were made from")
+
+    @classmethod
+    def build(cls, job_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
+              payload: bytes | None = None) -> Job:
+        """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
+        (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
+        return cls(job_id=job_id, attempt=attempt, entry=entry, record=record,
+                   payload=record.to_bytes() if payload is None else payload)
+
+    def _header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
+                "entry": _entry_json(self.entry)}
+
+
+@dataclass(frozen=True)
+class ImageDone:
+    """One finished image: its file name in the output folder and the sha256 of its bytes."""
+
+    file: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _filename(self.file, "file")
+        _hex64(self.sha256, "sha256")
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job finished; returns one credit."""
+
+    job_id: str
+    attempt: int
+    images: tuple[ImageDone, ...]
+    seconds: float
+
+    TYPE = "DONE"
+
+    def __post_init__(self) -> None:
+        _hex64(self.job_id, "job_id")
+        _int(self.attempt, "attempt", 1)
+        if not isinstance(self.images, tuple) or not all(isinstance(i, ImageDone) for i in self.images):
+            raise ProtocolError("images must be a tuple of ImageDone")
+        if len(self.images) > MAX_IMAGES:
+            raise ProtocolError(f"images must hold at most {MAX_IMAGES} entries, got {len(self.images)}")
+        if len({i.file for i in self.images}) != len(self.images):
+            raise ProtocolError("images name the same file more than once")
+        # JSON may carry a whole number of seconds as an int; keep the field a float either way.
+        object.__setattr__(self, "seconds", _seconds(self.seconds, "seconds"))
+
+    def _header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "attempt": self.attempt, "seconds": self.seconds,
+                "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Done:
+        raw = h["images"]
+        if not isinstance(raw, list):
+            raise ProtocolError("images must be a list")
+        if len(raw) > MAX_IMAGES:
+            raise ProtocolError(f"images must hold at most {MAX_IMAGES} entries, got {len(raw)}")
+        images = []
+        for n, item in enumerate(raw):
+            if not isinstance(item, dict):
+                raise ProtocolError(f"images[{n}] must be an object")
+            _exact_keys(item, ("file", "sha256"), f"images[{n}]")
+            images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
+        return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
+
+
+@dataclass(frozen=True)
+class Error:
+    """A job failed on this attempt; returns one credit. The encoder decides whether to retry."""
+
+    job_id: str
+    attempt: int
+    reason: str
+
+    TYPE = "ERROR"
+
+    def __post_init__(self) -> None:
+        _hex64(self.job_id, "job_id")
+        _int(self.attempt, "attempt", 1)
+        _str(self.reason, "reason", 1, MAX_REASON_CHARS)
+
+    def _header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "attempt": self.attempt, "reason": self.reason}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Error:
+        return cls(job_id=h["job_id"], attempt=h["attempt"], reason=h["reason"])
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """I am alive; sent every HEARTBEAT_INTERVAL_S in both directions."""
+
+    TYPE = "HEARTBEAT"
+
+    def _header(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Heartbeat:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Dead:
+    """The sender hit an unrecoverable failure and is stopping; the peer need not wait for heartbeats to lapse."""
+
+    reason: str
+
+    TYPE = "DEAD"
+
+    def __post_init__(self) -> None:
+        _str(self.reason, "reason", 1, MAX_REASON_CHARS)
+
+    def _header(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Dead:
+        return cls(reason=h["reason"])
+
+
+@dataclass(frozen=True)
+class Bye:
+    """Orderly shutdown: the sender will send nothing more."""
+
+    reason: str = ""
+
+    TYPE = "BYE"
+
+    def __post_init__(self) -> None:
+        _str(self.reason, "reason", 0, MAX_REASON_CHARS)
+
+    def _header(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Bye:
+        return cls(reason=h["reason"])
+
+
+Message = Ready | Job | Done | Error | Heartbeat | Dead | Bye
+MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Heartbeat, Dead, Bye)
+_HEADER_FIELDS: dict[str, tuple[str, ...]] = {
+    "READY": ("credits", "worker", "pid", "device", "out_dir"),
+    "JOB": ("job_id", "attempt", "embedding_key", "entry"),
+    "DONE": ("job_id", "attempt", "images", "seconds"),
+    "ERROR": ("job_id", "attempt", "reason"),
+    "HEARTBEAT": (),
+    "DEAD": ("reason",),
+    "BYE": ("reason",),
+}
+
+
+# ---- encode / decode ----
+
+
+def encode(msg: Message, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> list[bytes]:
+    """The frames to send (after the identity frame, on a ROUTER). Refuses what the peer would refuse."""
+    if not isinstance(msg, MESSAGE_TYPES):
+        raise ProtocolError(f"cannot encode {type(msg).__name__}; not a protocol message")
+    header = {"proto": PROTOCOL_ID, "v": PROTOCOL_VERSION, "type": msg.TYPE, **msg._header()}
+    data = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"{msg.TYPE} header is {len(data)} bytes; the limit is {MAX_HEADER_BYTES}")
+    if isinstance(msg, Job):
+        # Sending more than the peer's MAXMSGSIZE would not fail here: the peer would drop the connection.
+        if len(msg.payload) > max_payload_bytes:
+            raise ProtocolError(f"JOB payload is {len(msg.payload)} bytes; the limit is {max_payload_bytes}")
+        return [data, msg.payload]
+    return [data]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"header holds {name}, which is not JSON")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    # Duplicate keys would let two readers of one header see different values.
+    if len(obj) != len(pairs):
+        raise ProtocolError("header repeats a key")
+    return obj
+
+
+def _parse_header(frame: bytes) -> dict[str, Any]:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        text = bytes(frame).decode("utf-8")
+        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad JSON and over-long integer literals; RecursionError, deep nesting.
+        raise ProtocolError("header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    return header
+
+
+def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) -> Job:
+    job_id = _hex64(header["job_id"], "job_id")
+    attempt = _int(header["attempt"], "attempt", 1)
+    key = _hex64(header["embedding_key"], "embedding_key")
+    entry = _entry(header["entry"], "entry")
+    if len(payload) > max_payload_bytes:
+        raise ProtocolError(f"JOB payload is {len(payload)} bytes; the limit is {max_payload_bytes}")
+    payload = bytes(payload)
+    try:
+        record = decode_embeddings(payload, expected_key=key)
+    except EmbeddingFormatError as err:
+        raise ProtocolError(f"JOB payload is not a valid embedding record: {err}") from None
+    return Job(job_id=job_id, attempt=attempt, entry=entry, record=record, payload=payload)
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
+    "READY": Ready._from_header,
+    "DONE": Done._from_header,
+    "ERROR": Error._from_header,
+    "HEARTBEAT": Heartbeat._from_header,
+    "DEAD": Dead._from_header,
+    "BYE": Bye._from_header,
+}
+
+
+def decode(frames: Sequence[bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> Message:
+    """Parse and fully validate one message (the frames after any identity frame); raises only ProtocolError."""
+    try:
+        return _decode(frames, max_payload_bytes)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError) as err:
+        # The field checks are meant to catch everything first; this keeps the one-exception promise
+        # should a constructor downstream (e.g. PromptEntry) grow checks of its own.
+        raise ProtocolError(f"invalid message: {err}") from None
+
+
+def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
+    if not isinstance(frames, (list, tuple)) or not 1 <= len(frames) <= 2:
+        count = len(frames) if isinstance(frames, (list, tuple)) else type(frames).__name__
+        raise ProtocolError(f"a message is 1 or 2 frames, got {count}")
+    if not all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames):
+        raise ProtocolError("frames must be bytes")
+    header = _parse_header(frames[0])
+    proto = header.get("proto")
+    if proto != PROTOCOL_ID:
+        raise ProtocolError(f"not an {PROTOCOL_ID} message (proto {str(proto)[:40]!r})")
+    version = header.get("v")
+    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {str(version)[:20]!r} received; this build speaks "
+                            f"version {PROTOCOL_VERSION}; run the same sdxl-split version on both sides")
+    kind = header.get("type")
+    if not isinstance(kind, str) or kind not in _HEADER_FIELDS:
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    _exact_keys(header, _ENVELOPE + _HEADER_FIELDS[kind], f"{kind} header")
+    if kind == "JOB":
+        if len(frames) != 2:
+            raise ProtocolError(f"JOB must be 2 frames (header, payload), got {len(frames)}")
+        return _decode_job(header, frames[1], max_payload_bytes)
+    if len(frames) != 1:
+        raise ProtocolError(f"{kind} must be 1 frame, got {len(frames)}")
+    return _DECODERS[kind](header)
+
+
+# ---- socket options: the one place they are set ----
+
+
+def _configure_common(sock: zmq.Socket, max_payload_bytes: int) -> None:
+    # Per-frame bound: the payload frame is the largest; the header is capped separately.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_payload_bytes + MAX_HEADER_BYTES)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+
+
+def configure_router(sock: zmq.Socket, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> None:
+    """Options for the encoder's ROUTER; call before bind. ROUTER_MANDATORY turns a send to a vanished
+    peer into an error (zmq.EHOSTUNREACH) instead of a silent drop, so its job can be re-queued."""
+    _configure_common(sock, max_payload_bytes)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+def configure_dealer(sock: zmq.Socket, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> None:
+    """Options for a denoiser's DEALER; call before connect. IMMEDIATE keeps messages from queueing on a
+    connection that is not up yet, where they would be lost if it never comes up."""
+    _configure_common(sock, max_payload_bytes)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
