@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
+
 from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype, notice, print_json, resolve
-from sdxl_split.cli.encode_cmd import encoding_options, encoding_settings
+from sdxl_split.cli.encode_cmd import CHILD_HOOKS, DEFAULT_ENDPOINT, encoding_options, encoding_settings
 from sdxl_split.denoiser_service.config import (
     ATTENTION,
     COMPILE_MODES,
@@ -23,11 +26,11 @@ from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, make_job
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import embedding_key
+from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter, format_memory_line
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint
 from sdxl_split.shared.prompts import parse_prompt_file
 from sdxl_split.shared.settings import GlobalOptions
-from tqdm import tqdm
 
 EXIT_SOME_FAILED = 3
 
@@ -115,22 +118,39 @@ def cuda_index(device: str) -> int | None:
 @click.command("render")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="Render every prompt of this file from the embedding cache (no encoder needed).")
+@click.option("--connect", default=None, envvar="SDXL_SPLIT_CONNECT",
+              help=f"Encoder endpoint to take jobs from [default without --prompts: {DEFAULT_ENDPOINT}].")
+@click.option("--credits", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Jobs held at once; 2 keeps the next job's embeddings local while one renders.")
+@click.option("--serve", is_flag=True, help="Keep serving encode runs one after another.")
+@click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CurveZMQ keys of this GPU box: its denoisers/NAME/ folder from `keys init`.")
+@click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: sleep before each job.")
 @encoding_options
 @render_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
-@click.pass_obj
-def render(opts: GlobalOptions, prompts: Path | None, negative_prompt: str | None, clip_skip: int | None,
+@click.pass_context
+def render(ctx: click.Context, prompts: Path | None, connect: str | None, credits: int, serve: bool,
+           curve_dir: Path | None, job_delay: float, negative_prompt: str | None, clip_skip: int | None,
            encoder_dtype: str | None, encoder_device: str, as_json: bool, **kw) -> None:
     """Render images with the UNet and a VAE only; no text encoder is ever loaded.
 
+    Without --prompts, connects to an encoder (`sdxl-split encode`, default endpoint
+    tcp://127.0.0.1:5577) and renders its jobs as they arrive; either side may start first.
+
     With --prompts FILE, renders each prompt's cached embeddings (run `encode FILE` first; the
-    encoding options must match those used there). File names derive from a hash of the
-    embeddings, seed, size, steps, guidance and scheduler, so re-running renders only what is
-    missing.
+    encoding options must match those used there).
+
+    File names derive from a hash of the embeddings, seed, size, steps, guidance and scheduler,
+    so re-running renders only what is missing and no image is written twice.
     """
+    opts: GlobalOptions = ctx.obj
     config = render_config_from(kw)
     if prompts is None:
-        raise click.UsageError("pass --prompts FILE (streaming from a live encoder arrives with --connect)")
+        serve_stream(ctx, config, connect, credits, serve, curve_dir, job_delay, as_json)
+        return
+    if connect is not None:
+        raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
     source = resolve(opts)
     settings = encoding_settings(opts, source, default_dtype(encoder_device, encoder_dtype), clip_skip)
@@ -176,3 +196,68 @@ def render(opts: GlobalOptions, prompts: Path | None, negative_prompt: str | Non
         click.echo(f"denoiser memory: {format_memory_line(memory)}")
     if missing or stats.failed_jobs:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, credits: int, serve: bool,
+                 curve_dir: Path | None, job_delay: float, as_json: bool) -> None:
+    """Take jobs from a live encoder until it says BYE (or forever with --serve)."""
+    import threading
+
+    from sdxl_split.denoiser_service.worker import Worker, WorkerConfig
+    from sdxl_split.shared import protocol as p
+    from sdxl_split.shared.processes import install_stop_handlers
+
+    opts: GlobalOptions = ctx.obj
+    hooks = ctx.meta.get(CHILD_HOOKS, {})
+    source = resolve(opts)
+    identity = model_identity(opts, source)
+    meter = MemoryMeter(cuda_device=cuda_index(config.device))
+    out = OutputDir(config.out_dir)
+    loaded: dict[str, Renderer] = {}
+
+    def load():
+        renderer = Renderer(denoiser_loader(source, config, meter), out)
+        renderer.denoiser  # readiness means the model is loaded, not merely that we connected  # noqa: B018
+        hooks.get("ready", lambda: None)()
+        notice(f"denoiser ready; taking jobs from {endpoint}")
+
+        def render_one(job: p.Job) -> p.Done | p.Error:
+            started = time.perf_counter()
+            render_job = make_job(job.entry, job.record, config, identity)
+            try:
+                written = renderer.run(render_job)
+            except JobError as err:
+                return p.Error(job_id=job.job_id, attempt=job.attempt, reason=str(err)[:2000])
+            return p.Done(job_id=job.job_id, attempt=job.attempt, seconds=time.perf_counter() - started,
+                          images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
+
+        loaded["renderer"] = renderer
+        return render_one
+
+    endpoint = connect or DEFAULT_ENDPOINT
+    worker_config = WorkerConfig(endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir,
+                                 device=config.device, out_dir=str(config.out_dir.resolve()), job_delay_s=job_delay)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    worker = Worker(worker_config, report=lambda m: tqdm.write(m, file=sys.stderr))
+    try:
+        stats = worker.run(load, stop)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"denoiser failed: {type(err).__name__}: {err}") from None
+    renderer = loaded.get("renderer")
+    render_stats = renderer.stats if renderer else None
+    memory = meter.summary()
+    meter.close()
+    summary = {"stats": {**vars(stats), **(vars(render_stats) if render_stats else {}),
+                         "seconds_per_image": render_stats.seconds_per_image if render_stats else 0.0},
+               "memory": memory, "config": config.as_dict(), "model": source.description}
+    hooks.get("result", lambda payload: None)(summary)
+    if as_json:
+        print_json(summary)
+    else:
+        images = render_stats.images if render_stats else 0
+        click.echo(f"{stats.jobs_done} jobs done, {stats.jobs_failed} failed, {images} images written -> "
+                   f"{config.out_dir}")
+        click.echo(f"denoiser memory: {format_memory_line(memory)}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.pipeline import expected_widths
 from sdxl_split.shared.embeddings import Embeddings

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
 from sdxl_split.shared.atomic import append_line, atomic_write_bytes
 
 MANIFEST = "manifest.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import diffusers
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError

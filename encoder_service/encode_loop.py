@@ -52,6 +52,7 @@ def run_encode(
     batch_size: int = 1,
     on_progress: Callable[[int], None] = lambda n: None,
     warn: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> EncodeStats:
     started = time.perf_counter()
     stats = EncodeStats(prompts=len(entries))
@@ -89,6 +90,8 @@ def run_encode(
             for _, same_mode in groupby(misses, key=lambda item: item[1].negative_prompt is None):
                 same_mode = list(same_mode)
                 for start in range(0, len(same_mode), batch_size):
+                    if should_stop():
+                        break
                     batch = same_mode[start : start + batch_size]
                     for (key, entry), encoded in zip(batch, text_side.encode([e for _, e in batch],
                                                                             settings.clip_skip)):

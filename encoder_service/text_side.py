@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES
 from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource

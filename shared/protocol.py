@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import zmq
+
 from sdxl_split.shared.embeddings import MAX_TEXT_CHARS, EmbeddingFormatError, Embeddings, decode_embeddings
 from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,21 @@ def cache_dir(tmp_path: Path, session_cache: Path) -> Path:
     return root
 
 
+def short_ipc_endpoint() -> str:
+    """A private ipc:// endpoint; unix socket paths must stay under ~100 bytes, so not under tmp_path."""
+    return f"ipc://{tempfile.mkdtemp(prefix='sxs-')}/link.ipc"
+
+
+def cli_env(cache: Path, **extra: str) -> dict[str, str]:
+    """Each test's encoder binds its own endpoint, and does not wait for denoisers unless a test says so."""
+    return {**os.environ, "SDXL_SPLIT_CACHE": str(cache), "SDXL_SPLIT_BIND": short_ipc_endpoint(),
+            "SDXL_SPLIT_WAIT": "0", **extra}
+
+
 def run_cli(*args: str, cache: Path, cwd: Path | None = None, timeout: float = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `sdxl-split` in a fresh process, as a user would."""
-    full_env = {**os.environ, "SDXL_SPLIT_CACHE": str(cache), **(env or {})}
+    full_env = {**cli_env(cache), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "sdxl_split.cli", *args], capture_output=True, text=True, timeout=timeout,
         env=full_env, cwd=cwd,

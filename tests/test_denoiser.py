@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_env
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 from PIL import Image
+
 from sdxl_split.denoiser_service.outputs import read_png_metadata
 
 PROMPTS = [
@@ -96,7 +98,7 @@ def test_denoiser_never_instantiates_a_text_encoder(cli, cache_dir: Path, tmp_pa
               "--size", "64x64", "--steps", "2"])
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "SDXL_SPLIT_CACHE": str(cache_dir)})
+                            env=cli_env(cache_dir))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
 
@@ -172,7 +174,6 @@ def test_rendering_twice_writes_each_file_once(cli, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_render_resumes_with_only_the_missing_images(cache_dir: Path, tmp_path: Path) -> None:
-    import os
     import signal
 
     from conftest import run_cli
@@ -183,7 +184,7 @@ def test_killed_render_resumes_with_only_the_missing_images(cache_dir: Path, tmp
     assert run_cli("--model", "tiny", "encode", str(prompts), cache=cache_dir).returncode == 0
     args = [sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "render", "--prompts", str(prompts),
             "--out", str(out), "--size", "64x64", "--steps", "30"]
-    proc = subprocess.Popen(args, env={**os.environ, "SDXL_SPLIT_CACHE": str(cache_dir)},
+    proc = subprocess.Popen(args, env=cli_env(cache_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.png"))) < 2:

@@ -1,0 +1,70 @@
+"""The run journal: an append-only JSONL record of every job's states, read back to resume a run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from sdxl_split.shared.atomic import append_line
+
+EVENTS = ("encoded", "queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
+
+
+def work_id(embedding_key: str, seed: int | None, count: int | None) -> str:
+    """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
+    name files, so this id only covers what the prompt file decides."""
+    payload = json.dumps({"embedding_key": embedding_key, "seed": seed, "count": count}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def journal_path(cache_dir: Path, prompts: Path, settings_key: str) -> Path:
+    """One journal per (prompt file, encoding settings), so re-running the same command finds it."""
+    run = hashlib.sha256(f"{prompts.resolve()}\0{settings_key}".encode()).hexdigest()[:16]
+    return cache_dir / "runs" / f"{prompts.stem}-{run}.jsonl"
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log(self, event: str, job: str, **fields) -> None:
+        assert event in EVENTS
+        append_line(self.path, json.dumps({"t": time.time(), "event": event, "job": job, **fields}, sort_keys=True))
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-append
+            if isinstance(record, dict) and record.get("event") in EVENTS and isinstance(record.get("job"), str):
+                out.append(record)
+        return out
+
+    def finished(self) -> dict[tuple[str, str], list[dict]]:
+        """(job, output folder) -> images, for jobs whose `done` record names images that still exist
+        there with the recorded hash. Keyed by folder: rendering into a new --out starts afresh."""
+        done: dict[tuple[str, str], list[dict]] = {}
+        for record in self.records():
+            out_dir, images = record.get("out_dir"), record.get("images")
+            if record["event"] == "done" and isinstance(out_dir, str) and out_dir and isinstance(images, list):
+                done[(record["job"], out_dir)] = images
+        return {key: images for key, images in done.items() if _images_intact(Path(key[1]), images)}
+
+
+def _images_intact(out_dir: Path, images: list) -> bool:
+    if not images:
+        return False
+    for image in images:
+        try:
+            data = (out_dir / image["file"]).read_bytes()
+        except (OSError, KeyError, TypeError):
+            return False
+        if hashlib.sha256(data).hexdigest() != image.get("sha256"):
+            return False
+    return True

@@ -1,0 +1,83 @@
+"""One encode run with the link up: encode (or read from cache), queue each job at once, serve denoisers to the end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
+from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
+from sdxl_split.encoder_service.journal import Journal, work_id
+from sdxl_split.encoder_service.text_side import TextSide
+from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.prompts import PromptEntry
+
+
+@dataclass
+class StreamResult:
+    encode: EncodeStats
+    jobs: int
+    already_done: int
+    done: int
+    dead_lettered: int
+    abandoned: int
+    denoisers_attached: bool
+    interrupted: bool
+
+
+def run_streaming_encode(
+    entries: list[PromptEntry],
+    settings: EncodingSettings,
+    cache: EmbeddingCache,
+    load_text_side: Callable[[], TextSide],
+    meter: MemoryMeter,
+    link: LinkConfig,
+    journal: Journal,
+    wait_s: float,
+    stop: threading.Event,
+    report: Callable[[str], None],
+    batch_size: int = 1,
+    on_progress: Callable[[int], None] = lambda n: None,
+    on_bound: Callable[[], None] = lambda: None,
+    throttle_s: float = 0.0,
+) -> StreamResult:
+    """Jobs are dispatched as they appear; the dispatcher skips those whose images the journal shows
+    intact in the output folder of the denoiser they would go to."""
+    dispatcher = Dispatcher(link, journal, report=report)
+    on_bound()
+    seen: set[str] = set()
+
+    def sink(entry: PromptEntry, record: Embeddings, data: bytes) -> None:
+        wid = work_id(record.key, entry.seed, entry.count)
+        if wid in seen:
+            return
+        seen.add(wid)
+        dispatcher.add(wid, entry, record, data)
+        # Hand the job out now, so the GPU starts while later prompts are still being encoded.
+        dispatcher.pump(throttle_s)
+
+    try:
+        stats = run_encode(entries, settings, cache, load_text_side, sink, meter, batch_size=batch_size,
+                           on_progress=on_progress, warn=report, should_stop=stop.is_set)
+        idle_since = time.monotonic()
+        while dispatcher.outstanding and not stop.is_set():
+            dispatcher.pump(0.2)
+            # A denoiser still loading its model heartbeats before READY; that counts as coming.
+            if dispatcher.workers:
+                idle_since = time.monotonic()
+            elif time.monotonic() - max(idle_since, dispatcher.last_peer_seen) > wait_s:
+                break
+        counts = dispatcher.counts()
+        abandoned = counts["queued"] + counts["dispatched"]
+        for job in dispatcher.jobs.values():
+            if job.state in ("queued", "dispatched"):
+                journal.log("abandoned", job.work_id, state=job.state)
+        return StreamResult(encode=stats, jobs=len(seen), already_done=dispatcher.already_done, done=counts["done"],
+                            dead_lettered=counts["dead"], abandoned=abandoned,
+                            denoisers_attached=dispatcher.ever_attached, interrupted=stop.is_set())
+    finally:
+        dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")

@@ -1,0 +1,104 @@
+"""Process lifecycle: graceful stop on SIGINT/SIGTERM, dying with the parent, and spawning ready-checked children."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sdxl_split.shared.errors import UserError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """First SIGINT/SIGTERM asks for a drain (finish in-flight work, journal, exit); a second one aborts."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"{signal.Signals(signum).name}: finishing in-flight work; press Ctrl-C again to abort",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no child outlives `run`."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: mp.process.BaseProcess
+    conn: Any  # the parent's end of a multiprocessing Pipe, carrying JSON bytes only
+    ready: bool = False
+    result: dict | None = None
+
+    def poll_messages(self) -> None:
+        """Read whatever the child sent: {"ready": true} once, then {"result": {...}} at the end."""
+        try:
+            while self.conn.poll():
+                message = json.loads(self.conn.recv_bytes())
+                if message.get("ready"):
+                    self.ready = True
+                if "result" in message:
+                    self.result = message["result"]
+        except (EOFError, OSError, json.JSONDecodeError):
+            pass
+
+
+def spawn_child(name: str, target: Callable[..., None], *args: Any) -> Child:
+    """Start `target(conn, *args)` in a fresh interpreter (spawn: no inherited CUDA or locks)."""
+    ctx = mp.get_context("spawn")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=target, args=(child_end, *args), name=name, daemon=False)
+    process.start()
+    child_end.close()
+    return Child(name=name, process=process, conn=parent_end)
+
+
+def send_json(conn: Any, payload: dict) -> None:
+    if conn is not None:
+        conn.send_bytes(json.dumps(payload, default=str).encode())
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        sig = signal.Signals(-code).name
+        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if sig == "SIGKILL" else ""
+        return f"was killed by {sig}{hint}"
+    return f"exited with code {code}"
+
+
+def wait_until_ready(children: list[Child], timeout_s: float) -> None:
+    """Wait for every child's readiness while checking it is alive, so a crash is a message, not a hang."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for child in children:
+            child.poll_messages()
+            if not child.ready and not child.process.is_alive():
+                child.poll_messages()
+                if not child.ready:
+                    raise UserError(f"{child.name} {describe_exit(child.process.exitcode)} before it was ready")
+        if all(child.ready for child in children):
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"{', '.join(c.name for c in children if not c.ready)} not ready after {timeout_s:.0f} s")
+        time.sleep(0.05)
