@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model
 from sdxl_split.shared.quiet import quiet_libraries

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from sdxl_split.shared.security import create_keys
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.architectures import ARCHITECTURES
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint, resolve_model
@@ -32,6 +33,7 @@ def init(opts: GlobalOptions, kind: str, directory: Path, seed: int) -> None:
     Both use the real CLIP BPE tokenizers. Images from random weights are noise.
     """
     import torch
+
     from sdxl_split.shared.models.builder import build_model
 
     quiet_libraries(opts.verbosity)

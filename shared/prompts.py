@@ -106,11 +106,11 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
         entries.append(_jsonl_entry(path, number, stripped) if jsonl else PromptEntry(line=number, prompt=stripped))
     if not entries:
         raise UserError(f"{path}: no prompts found; write one prompt per line (lines starting with # are comments)")
-    ids = [e.id for e in entries if e.id is not None]
-    if len(ids) != len(set(ids)):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        line = next(e.line for e in entries if e.id == dup and ids.count(dup) > 1)
-        raise _fail(path, line, f"id {dup!r} is used more than once; ids must be unique")
+    first_use: dict[str, int] = {}
+    for entry in entries:
+        if entry.id is not None and first_use.setdefault(entry.id, entry.line) != entry.line:
+            raise _fail(path, entry.line, f"id {entry.id!r} is already used on line {first_use[entry.id]}; "
+                        "ids must be unique")
     if default_negative is not None:
         entries = [e if e.negative_prompt is not None else replace(e, negative_prompt=default_negative)
                    for e in entries]

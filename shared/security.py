@@ -29,8 +29,9 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from sdxl_split.shared.errors import UserError
 from zmq.auth.thread import ThreadAuthenticator
+
+from sdxl_split.shared.errors import UserError
 
 ENCODER_DIR = "encoder"
 DENOISERS_DIR = "denoisers"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
+
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser, JobError
 from sdxl_split.denoiser_service.pipeline import configure_tiling, load_denoiser_pipeline

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
+
 from sdxl_split.shared.models.architectures import TINY
 from sdxl_split.shared.models.builder import build_model
 from sdxl_split.shared.models.clip_tokenizers import load_tokenizer

@@ -11,6 +11,7 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.protocol import (

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import zmq
 from click.testing import CliRunner
+
 from sdxl_split.cli.keys_cmd import keys
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.protocol import Bye, Heartbeat, Ready, configure_dealer, configure_router, decode, encode

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
 from sdxl_split.shared.models.architectures import Architecture
 from sdxl_split.shared.models.clip_tokenizers import write_sdxl_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # The tiny VAE sits beside the pipeline's components but outside model_index.json, so that
 # `StableDiffusionXLPipeline.from_pretrained(dir)` loads exactly what a real SDXL folder holds.

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+
 from sdxl_split.shared.models.resolve import ModelSource
 
 TEXT_ONLY = {"unet": None, "vae": None, "scheduler": None}
