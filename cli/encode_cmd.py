@@ -39,6 +39,8 @@ def encoding_options(func):
 
 
 def encoding_settings(opts: GlobalOptions, source, dtype: str, clip_skip: int | None) -> EncodingSettings:
+    # diffusers reads hidden_states[-(clip_skip + 2)]: 0 is the same layer as no clip skip, so one key.
+    clip_skip = clip_skip or None
     force_zeros = bool(model_index(source).get("force_zeros_for_empty_prompt", True))
     return EncodingSettings(
         fingerprint=fingerprint(source, TEXT_COMPONENTS, opts.cache_dir),

@@ -62,7 +62,8 @@ def run_streaming_encode(
 
     try:
         stats = run_encode(entries, settings, cache, load_text_side, sink, meter, batch_size=batch_size,
-                           on_progress=on_progress, warn=report, should_stop=stop.is_set)
+                           on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
+                           should_stop=stop.is_set)
         idle_since = time.monotonic()
         while dispatcher.outstanding and not stop.is_set():
             dispatcher.pump(0.2)

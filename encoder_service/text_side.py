@@ -51,8 +51,12 @@ class TextSide:
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=[e.negative_prompt for e in entries] if has_negative else None,
+            # Without a negative_prompt, diffusers still encodes negative_prompt_2 when it does not zero
+            # the negatives (force_zeros_for_empty_prompt false), pairing it with "".
             negative_prompt_2=(
-                [e.negative_prompt_2 or e.negative_prompt for e in entries] if has_negative else None
+                [e.negative_prompt_2 or e.negative_prompt for e in entries] if has_negative
+                else [e.negative_prompt_2 or "" for e in entries] if any(e.negative_prompt_2 for e in entries)
+                else None
             ),
             clip_skip=clip_skip,
         )

@@ -13,7 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 SCHEMA = "sdxl-split/embeddings"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TENSOR_NAMES = (
     "prompt_embeds",
     "negative_prompt_embeds",
@@ -49,6 +49,14 @@ class EncodingSettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the raw tensor bytes in schema order: catches a flipped bit the header checks cannot see."""
+    digest = hashlib.sha256()
+    for name in TENSOR_NAMES:
+        digest.update(tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def embedding_key(texts: dict[str, str | None], settings: EncodingSettings) -> str:
     """sha256 over the schema, model fingerprint, all four texts and the encoding settings."""
     payload = {"schema": SCHEMA, "version": SCHEMA_VERSION, **asdict(settings)}
@@ -72,6 +80,7 @@ class Embeddings:
             "texts": json.dumps(self.texts, sort_keys=True, ensure_ascii=False),
             "settings": json.dumps(asdict(self.settings), sort_keys=True),
             "truncated": "true" if self.truncated else "false",
+            "tensors_sha256": tensors_digest(self.tensors),
         }
         return st_save({name: self.tensors[name].contiguous() for name in TENSOR_NAMES}, metadata=metadata)
 
@@ -185,4 +194,8 @@ def decode_embeddings(data: bytes, expected_key: str | None = None) -> Embedding
         tensors = st_load(data)
     except Exception as err:  # safetensors raises its own error types for malformed bodies
         raise EmbeddingFormatError(f"safetensors body is unreadable: {err}") from None
+    if tensors_digest(tensors) != header["__metadata__"].get("tensors_sha256"):
+        raise EmbeddingFormatError("tensor data does not match its recorded sha256 (corrupted)")
+    if not all(bool(torch.isfinite(tensors[name]).all()) for name in TENSOR_NAMES):
+        raise EmbeddingFormatError("tensors hold NaN or Inf")
     return Embeddings(key=key, texts=texts, settings=settings, tensors=tensors, truncated=truncated)

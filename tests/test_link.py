@@ -1,0 +1,293 @@
+"""Process level: real encoder and denoiser processes over ipc://, with kills, restarts, slow and bad peers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import cli_env, short_ipc_endpoint
+
+pytestmark = pytest.mark.slow
+RENDER = ["--size", "64x64", "--steps", "4"]
+
+
+def prompts_file(tmp_path: Path, n: int = 12) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"prompt number {i}, a small watercolor\n" for i in range(n)))
+    return path
+
+
+class Link:
+    """Starts encoder/denoiser processes on one private endpoint and cleans them up."""
+
+    def __init__(self, cache: Path, tmp_path: Path) -> None:
+        self.endpoint = short_ipc_endpoint()
+        self.env = cli_env(cache, SDXL_SPLIT_BIND=self.endpoint, SDXL_SPLIT_CONNECT=self.endpoint)
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def encoder(self, prompts: Path, *extra: str, name: str = "encoder") -> subprocess.Popen:
+        return self.start("encode", str(prompts), "--wait", "60", "--json", *extra, name=name)
+
+    def denoiser(self, out: Path, *extra: str, name: str = "denoiser") -> subprocess.Popen:
+        return self.start("render", "--out", str(out), *RENDER, *extra, name=name)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def link(cache_dir: Path, tmp_path: Path):
+    started = Link(cache_dir, tmp_path)
+    yield started
+    started.close()
+
+
+def journal_records(cache: Path) -> list[dict]:
+    return [json.loads(line) for path in (cache / "runs").glob("*.jsonl") for line in path.read_text().splitlines()]
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def encoder_summary(link: Link, proc: subprocess.Popen, name: str = "encoder") -> dict:
+    assert proc.wait(timeout=300) == 0, link.log(name)
+    text = link.log(name)
+    return json.loads(text[text.index("{\n"):])
+
+
+def assert_each_image_once(out: Path, expected: int) -> None:
+    records = manifest(out)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == expected
+    assert sorted(r["file"] for r in records) == pngs, "manifest and files disagree"
+    for record in records:
+        assert hashlib.sha256((out / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("first", ["denoiser", "encoder"])
+def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, tmp_path: Path, first: str) -> None:
+    prompts, out = prompts_file(tmp_path), tmp_path / "out"
+    if first == "denoiser":
+        denoiser = link.denoiser(out)
+        time.sleep(1.0)
+        encoder = link.encoder(prompts, "--throttle", "0.4")
+    else:
+        encoder = link.encoder(prompts, "--throttle", "0.4")
+        time.sleep(1.0)
+        denoiser = link.denoiser(out)
+    summary = encoder_summary(link, encoder)
+    assert denoiser.wait(timeout=120) == 0, link.log("denoiser")
+    assert summary["done"] == 12 and summary["abandoned"] == 0
+    assert_each_image_once(out, 12)
+    records = journal_records(cache_dir)
+    first_done = min(r["t"] for r in records if r["event"] == "done")
+    last_queued = max(r["t"] for r in records if r["event"] == "queued")
+    assert first_done < last_queued, "the first image must exist before the last prompt is encoded"
+
+
+def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    prompts, out = prompts_file(tmp_path), tmp_path / "out"
+    fast = link.denoiser(out, "--credits", "1", name="fast")
+    slow = link.denoiser(out, "--credits", "1", "--job-delay", "1.5", name="slow")
+    time.sleep(1.0)
+    summary = encoder_summary(link, link.encoder(prompts))
+    assert fast.wait(timeout=120) == 0 and slow.wait(timeout=120) == 0
+    assert summary["done"] == 12
+    done = [r for r in journal_records(cache_dir) if r["event"] == "done"]
+    by_pid = {}
+    for record in done:
+        by_pid[record["worker"]] = by_pid.get(record["worker"], 0) + 1
+    assert len(by_pid) == 2, f"both denoisers must render some jobs: {by_pid}"
+    assert len({r["job"] for r in done}) == 12 == len(done)
+    assert_each_image_once(out, 12)
+
+
+def test_kill_9_denoiser_with_jobs_in_flight_loses_nothing(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    prompts, out = prompts_file(tmp_path), tmp_path / "out"
+    victim = link.denoiser(out, "--credits", "2", "--job-delay", "3", name="victim")
+    time.sleep(1.5)
+    encoder = link.encoder(prompts)
+    wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)))
+    survivor = link.denoiser(out, "--credits", "2", name="survivor")
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    summary = encoder_summary(link, encoder)
+    assert survivor.wait(timeout=120) == 0
+    assert summary["done"] == 12 and summary["dead_lettered"] == 0
+    records = journal_records(cache_dir)
+    assert any(r["event"] == "requeued" for r in records), "the victim's in-flight jobs must be re-queued"
+    done = [r for r in records if r["event"] == "done"]
+    assert len({r["job"] for r in done}) == 12 == len(done)
+    assert_each_image_once(out, 12)
+
+
+def test_killed_encoder_restarts_and_renders_only_the_missing(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    prompts, out = prompts_file(tmp_path), tmp_path / "out"
+    denoiser = link.denoiser(out, "--serve", "--credits", "1")
+    time.sleep(1.0)
+    first = link.encoder(prompts, "--throttle", "0.5", name="first")
+    wait_for(lambda: len(list(out.glob("*.png"))) >= 3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    rendered_before = len(list(out.glob("*.png")))
+    assert rendered_before < 12
+    second = encoder_summary(link, link.encoder(prompts, name="second"), name="second")
+    assert second["done"] + second["already_done"] == 12
+    assert second["already_done"] >= rendered_before - 1  # one may have finished after the kill
+    assert_each_image_once(out, 12)
+    denoiser.send_signal(signal.SIGTERM)
+    assert denoiser.wait(timeout=60) == 0
+
+
+def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
+    encoder = link.encoder(prompts, "--throttle", "0.3")
+    time.sleep(2.0)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(link.endpoint)
+    header = {"proto": "sdxl-split", "v": 1, "type": "HEARTBEAT"}
+    for frames in (
+        [pickle.dumps({"type": "READY", "credits": 5})],
+        [b"\x00\xffgarbage"],
+        [json.dumps({**header, "type": "STEAL"}).encode()],
+        [json.dumps({**header, "v": 99}).encode()],
+        [json.dumps({**header, "type": "DONE", "job_id": "0" * 64, "attempt": 1, "images": [],
+                     "seconds": 0}).encode()],
+    ):
+        rogue.send_multipart(frames)
+    time.sleep(1.0)
+    # Over MAXMSGSIZE: zmq drops the whole connection, so it goes last, from its own socket.
+    oversized = ctx.socket(zmq.DEALER)
+    oversized.setsockopt(zmq.LINGER, 0)
+    oversized.connect(link.endpoint)
+    oversized.send_multipart([json.dumps(header).encode(), os.urandom(16 * 1024 * 1024)])
+    time.sleep(0.5)
+    oversized.close()
+    rogue.close()
+    ctx.term()
+    denoiser = link.denoiser(out)
+    summary = encoder_summary(link, encoder)
+    assert denoiser.wait(timeout=120) == 0
+    assert summary["done"] == 4
+    assert link.log("encoder").count("dropped a bad message") >= 4
+    assert_each_image_once(out, 4)
+
+
+def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tmp_path: Path) -> None:
+    """A fake encoder sends a JOB with wrongly shaped tensors, then a good one; only the good one renders."""
+    import torch
+
+    from sdxl_split.shared import protocol as p
+    from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
+    from sdxl_split.shared.prompts import PromptEntry
+
+    endpoint = short_ipc_endpoint()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    env = cli_env(cache_dir, SDXL_SPLIT_CONNECT=endpoint)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "render", "--out", str(out),
+                             *RENDER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert router.poll(120_000)
+        identity = None
+        while identity is None:
+            frames = router.recv_multipart()
+            if isinstance(p.decode(frames[1:]), p.Ready):
+                identity = frames[0]
+        entry = PromptEntry(line=1, prompt="a cat")
+        settings = EncodingSettings(fingerprint="test", clip_skip=None, dtype="fp32", force_zeros=True)
+        key = embedding_key(entry.texts(), settings)
+        good = Embeddings(key=key, texts=entry.texts(), settings=settings, tensors={
+            "prompt_embeds": torch.randn(1, 77, 96), "negative_prompt_embeds": torch.zeros(1, 77, 96),
+            "pooled_prompt_embeds": torch.randn(1, 64), "negative_pooled_prompt_embeds": torch.zeros(1, 64)})
+        bad = Embeddings(key=key, texts=entry.texts(), settings=settings,
+                         tensors={**good.tensors, "pooled_prompt_embeds": torch.randn(1, 65)})
+        job_frames = p.encode(p.Job.build("a" * 64, 1, entry, good))
+        router.send_multipart([identity, job_frames[0], bad.to_bytes()])
+        router.send_multipart([identity, *job_frames])
+        reply = None
+        deadline = time.time() + 120
+        while reply is None and time.time() < deadline:
+            if router.poll(1000):
+                message = p.decode(router.recv_multipart()[1:])
+                if isinstance(message, (p.Done, p.Error)):
+                    reply = message
+        assert isinstance(reply, p.Done) and len(reply.images) == 1
+        router.send_multipart([identity, *p.encode(p.Bye("test over"))])
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert "dropped a bad message from the encoder" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        router.close()
+        ctx.term()
+
+
+def test_stream_pngs_equal_render_prompts_pngs(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    """Fidelity through the link; render --prompts is itself bit-identical to the monolith (test_denoiser)."""
+    prompts = prompts_file(tmp_path, 3)
+    streamed, from_cache = tmp_path / "streamed", tmp_path / "cached"
+    link.denoiser(streamed)
+    time.sleep(1.0)
+    encoder_summary(link, link.encoder(prompts))
+    link.procs[0].wait(timeout=60)
+    offline = link.start("render", "--prompts", str(prompts), "--out", str(from_cache), *RENDER, name="offline")
+    assert offline.wait(timeout=120) == 0, link.log("offline")
+    files = sorted(p.name for p in streamed.glob("*.png"))
+    assert files == sorted(p.name for p in from_cache.glob("*.png")) and len(files) == 3
+    for name in files:
+        assert (streamed / name).read_bytes() == (from_cache / name).read_bytes()
+
+
+def test_run_spawns_both_sides_and_reports_memory_per_process(cache_dir: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
+    result = run_cli("--model", "tiny", "run", str(prompts), "--out", str(out), *RENDER, "--denoisers", "2",
+                     cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "denoiser-0" in result.stdout and "denoiser-1" in result.stdout and "encoder" in result.stdout
+    assert "peak RSS GiB" in result.stdout
+    assert_each_image_once(out, 4)
+    again = run_cli("--model", "tiny", "run", str(prompts), "--out", str(out), *RENDER, cache=cache_dir)
+    assert again.returncode == 0 and "0 rendered, 4 already done" in again.stdout
