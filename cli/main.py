@@ -14,6 +14,7 @@ import traceback  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
 import click  # noqa: E402
+
 from sdxl_split.shared.errors import UserError  # noqa: E402
 from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
 from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
@@ -56,22 +57,35 @@ def cli(ctx: click.Context, model: str, revision: str | None, cache_dir: str | N
 
 def _register_commands() -> None:
     # One line per command module, so commands can be added without touching each other.
+    from sdxl_split.cli.bench_cmd import bench
+    from sdxl_split.cli.cache_cmd import cache
     from sdxl_split.cli.encode_cmd import encode
+    from sdxl_split.cli.keys_cmd import keys
     from sdxl_split.cli.model_cmd import model
     from sdxl_split.cli.render_cmd import render
+    from sdxl_split.cli.run_cmd import run
 
     cli.add_command(model)
     cli.add_command(encode)
+    cli.add_command(keys)
     cli.add_command(render)
+    cli.add_command(run)
+    cli.add_command(cache)
+    cli.add_command(bench)
 
 
 _register_commands()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors print one line and exit non-zero, never a traceback."""
+def main(argv: list[str] | None = None, meta: dict | None = None) -> None:
+    """Run the CLI; user errors print one line and exit non-zero, never a traceback.
+
+    `meta` seeds click's context meta: `run` passes its children's readiness/result callbacks this way.
+    """
     try:
-        cli.main(args=argv, prog_name="sdxl-split", standalone_mode=False)
+        with cli.make_context("sdxl-split", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            ctx.meta.update(meta or {})
+            cli.invoke(ctx)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)

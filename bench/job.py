@@ -1,0 +1,55 @@
+"""What one row's child process is told to do: a frozen record, written as JSON for `python -m ...bench.row`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.settings import GlobalOptions
+
+
+@dataclass(frozen=True)
+class RowJob:
+    row_id: str
+    side: str
+    model: str
+    revision: str | None
+    cache_dir: str
+    prompts: tuple[str, ...]
+    # The settings the encoder row caches embeddings under, and denoiser rows look them up with.
+    encoding: dict
+    encoder_device: str
+    # RenderConfig.as_dict() for denoiser and monolith rows; None for the encoder row.
+    render: dict | None
+    repeats: int
+    # Test hook: the child kills itself with SIGKILL once loaded, as the OOM killer would.
+    crash: bool = False
+    verbosity: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RowJob:
+        raw = json.loads(text)
+        raw["prompts"] = tuple(raw["prompts"])
+        return cls(**raw)
+
+    def render_config(self) -> RenderConfig:
+        if self.render is None:
+            raise ValueError(f"row {self.row_id} has no render settings")
+        return RenderConfig(**{**self.render, "out_dir": Path(self.render["out_dir"])})
+
+    def encoding_settings(self) -> EncodingSettings:
+        return EncodingSettings(**self.encoding)
+
+    def entries(self) -> list[PromptEntry]:
+        return [PromptEntry(line=index + 1, prompt=text) for index, text in enumerate(self.prompts)]
+
+    def global_options(self) -> GlobalOptions:
+        return GlobalOptions(model=self.model, revision=self.revision, cache_dir=Path(self.cache_dir),
+                             verbosity=self.verbosity)

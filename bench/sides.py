@@ -1,0 +1,144 @@
+"""What each kind of row does inside its process: load (phase "load"), one untimed warm-up, timed repeats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import diffusers
+import torch
+
+from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.timing import timed_ms
+from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.denoise import Denoiser
+from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.encoder_service.text_side import TextSide
+from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embeddings import DTYPES, Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.models.loading import load_partial_pipeline
+from sdxl_split.shared.models.resolve import ModelSource
+
+
+@dataclass(frozen=True)
+class Measured:
+    warmup_ms: float
+    latencies_ms: list[float]
+    # Images one repeat produces (None for the encoder, which produces embeddings).
+    images_per_repeat: int | None
+    # Pipeline components actually held by this process: the proof that a denoiser row has no text encoder.
+    components: list[str]
+
+
+def _held(pipe) -> list[str]:
+    return sorted(name for name, part in pipe.components.items() if part is not None)
+
+
+def _repeat(work: Callable[[], object], job: RowJob, device: str) -> tuple[float, list[float]]:
+    warmup = timed_ms(work, device)  # compiles, allocates, fills caches: untimed in the figures
+    return warmup, [timed_ms(work, device) for _ in range(job.repeats)]
+
+
+def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+    """Encode every prompt (one at a time, as `encode` does by default) and leave the results in the cache."""
+    settings = job.encoding_settings()
+    entries = job.entries()
+    with meter.phase("load"):
+        text_side = TextSide(source, job.encoder_device, settings.dtype)
+    loaded()
+    encoded: list = []
+
+    def once() -> None:
+        encoded[:] = [text_side.encode([entry], settings.clip_skip)[0] for entry in entries]
+
+    with meter.phase("encode"):
+        warmup, latencies = _repeat(once, job, job.encoder_device)
+    cache = EmbeddingCache(job.global_options().embeddings_dir)
+    for entry, result in zip(entries, encoded):
+        cache.store(Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
+                               tensors=result.tensors, truncated=bool(result.dropped)))
+    return Measured(warmup, latencies, None, _held(text_side.pipe))
+
+
+def cached_records(job: RowJob) -> list[Embeddings]:
+    """The prompts' embeddings from the cache; a denoiser row never encodes anything itself."""
+    settings = job.encoding_settings()
+    cache = EmbeddingCache(job.global_options().embeddings_dir)
+    records = []
+    for entry in job.entries():
+        found = cache.lookup(embedding_key(entry.texts(), settings))
+        if not found.hit:
+            raise UserError(f"no cached embeddings for {entry.prompt[:60]!r}"
+                            + (f" ({found.problem})" if found.problem else "") + "; run the encoder row first")
+        assert found.record is not None
+        records.append(found.record)
+    return records
+
+
+def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+    config = job.render_config()
+    records = cached_records(job)
+    with meter.phase("load"):
+        pipe = load_denoiser_pipeline(source, config)
+    loaded()
+    denoiser = Denoiser(pipe, config, meter)
+
+    def once() -> None:
+        for record in records:
+            denoiser.render(record, config.seed, config.images_per_prompt)
+
+    warmup, latencies = _repeat(once, job, config.device)
+    return Measured(warmup, latencies, config.images_per_prompt * len(records), _held(pipe))
+
+
+def load_monolith(source: ModelSource, config: RenderConfig):
+    """The whole SDXL pipeline, text encoders included, as a single-process user would load it."""
+    pipe = load_partial_pipeline(source, {}, DTYPES[config.dtype], add_watermarker=False)
+    class_name, overrides, _ = SCHEDULERS[config.scheduler]
+    if type(pipe.scheduler).__name__ != class_name or overrides:
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    pipe.to(torch.device(config.device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+    """Each repeat encodes and renders in this one process: phases encode, then denoise and decode."""
+    config = job.render_config()
+    if config.offload != "none" or config.compile or config.vae != "full" or config.vae_slicing:
+        raise ValueError("the monolith row runs the plain baseline only")
+    shared = job.encoding_settings()
+    # Its own embeddings, in its own dtype; they never touch the cache.
+    settings = EncodingSettings(fingerprint=shared.fingerprint, clip_skip=None, dtype=config.dtype,
+                                force_zeros=shared.force_zeros)
+    entries = job.entries()
+    with meter.phase("load"):
+        pipe = load_monolith(source, config)
+    loaded()
+    denoiser = Denoiser(pipe, config, meter)
+    device = torch.device(config.device)
+
+    @torch.inference_mode()
+    def once() -> None:
+        for entry in entries:
+            with meter.phase("encode"):
+                # What StableDiffusionXLPipeline.__call__(prompt=...) runs first, called out to time it apart.
+                tensors = pipe.encode_prompt(prompt=[entry.prompt], prompt_2=[entry.prompt], device=device,
+                                             num_images_per_prompt=1, do_classifier_free_guidance=True)
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds")
+            record = Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
+                                tensors=dict(zip(names, tensors)))
+            denoiser.render(record, config.seed, config.images_per_prompt)
+
+    warmup, latencies = _repeat(once, job, config.device)
+    return Measured(warmup, latencies, config.images_per_prompt * len(entries), _held(pipe))
+
+
+RUNNERS: dict[str, Callable[[RowJob, ModelSource, MemoryMeter, Callable[[], None]], Measured]] = {
+    "encoder": run_encoder,
+    "denoiser": run_denoiser,
+    "monolith": run_monolith,
+}

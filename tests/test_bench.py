@@ -1,0 +1,215 @@
+"""`sdxl-split bench`: row planning, reports and comparisons (unit), and real per-row processes (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from sdxl_split.bench.compare import seed_comparison, split_vs_monolith
+from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.launcher import _death_reason
+from sdxl_split.bench.report import markdown
+from sdxl_split.bench.results import RESULT_FIELDS, STATUSES, blank_result
+from sdxl_split.bench.rows import ROW_BY_ID, ROWS, plan_row, select_rows
+from sdxl_split.bench.timing import latency_stats
+from sdxl_split.denoiser_service.config import RenderConfig, validate
+from sdxl_split.shared.errors import UserError
+
+CPU_BASE = RenderConfig(device="cpu", width=64, height=64, steps=2, images_per_prompt=2)
+
+
+# ---- unit: rows, job records, figures -------------------------------------------------------------------------
+
+
+def test_select_rows_keeps_catalogue_order_and_refuses_unknown_ids() -> None:
+    assert select_rows("all") == ROWS
+    assert [r.id for r in select_rows("monolith, encoder,fp16-sdpa")] == ["fp16-sdpa", "encoder", "monolith"]
+    with pytest.raises(UserError, match="unknown row 'fp8'.*fp32-classic"):
+        select_rows("fp16-sdpa,fp8")
+
+
+def test_every_row_runs_as_defined_on_a_gpu() -> None:
+    gpu_base = RenderConfig(device="cuda", width=1024, height=1024)
+    for row in ROWS:
+        planned = plan_row(row, gpu_base, cuda_available=True)
+        assert planned.skip_reason is None and planned.note == ""
+        if row.side != "encoder":
+            assert all(getattr(planned.config, key) == value for key, value in row.overrides.items())
+
+
+def test_cpu_plan_runs_half_precision_in_fp32_and_skips_what_needs_a_gpu_with_validates_reason() -> None:
+    fp16 = plan_row(ROW_BY_ID["fp16-sdpa"], CPU_BASE, cuda_available=False)
+    assert fp16.skip_reason is None and fp16.config.dtype == "fp32" and fp16.note == "fp32 on cpu (row is fp16)"
+    fp32 = plan_row(ROW_BY_ID["fp32-classic"], CPU_BASE, cuda_available=False)
+    assert fp32.note == "" and fp32.config.attention == "default"
+    offload = plan_row(ROW_BY_ID["model-offload"], CPU_BASE, cuda_available=False)
+    with pytest.raises(UserError) as err:
+        validate(offload.config, False)
+    assert offload.skip_reason == str(err.value) and "needs --device cuda" in offload.skip_reason
+    assert "CUDA graphs" in plan_row(ROW_BY_ID["compile"], CPU_BASE, False).skip_reason
+    assert plan_row(ROW_BY_ID["encoder"], CPU_BASE, False).config is None
+
+
+def test_row_job_round_trips_through_json() -> None:
+    job = RowJob(row_id="tiny-vae", side="denoiser", model="tiny", revision=None, cache_dir="/c", prompts=("a", "b"),
+                 encoding={"fingerprint": "sha256:x", "clip_skip": None, "dtype": "fp32", "force_zeros": True},
+                 encoder_device="cpu", render=CPU_BASE.as_dict(), repeats=2)
+    again = RowJob.from_json(job.to_json())
+    assert again == job and again.render_config() == CPU_BASE
+    assert [e.prompt for e in again.entries()] == ["a", "b"]
+
+
+def test_latency_stats_and_death_reasons() -> None:
+    assert latency_stats([30.0, 10.0, 20.0], 4) == {"median_ms": 20.0, "min_ms": 10.0, "max_ms": 30.0,
+                                                    "s_per_image": 0.005}
+    assert latency_stats([5.0], None)["s_per_image"] is None
+    assert "SIGKILL" in _death_reason(-9, []) and "out of memory" in _death_reason(-9, [])
+    assert _death_reason(1, ["Traceback", "ValueError: boom"]).endswith("code 1: ValueError: boom")
+
+
+def _ok(row: str, rss: float, ms: float, device: str = "cpu", **settings) -> dict:
+    planned = plan_row(ROW_BY_ID[row], RenderConfig(device=device), False)
+    record = blank_result(planned, {"device": device, **settings})
+    record.update(status="ok", median_ms=ms, memory={"peak_rss_gib": rss, "cuda_allocated_gib": None})
+    return record
+
+
+def test_split_against_monolith_and_seed_ratios() -> None:
+    results = [_ok("encoder", 1.0, 10.0), _ok("fp16-sdpa", 3.0, 100.0), _ok("monolith", 5.0, 120.0)]
+    split = split_vs_monolith(results, "peak_rss_gib")
+    assert split["split_gib"] == 4.0 and split["largest_process_gib"] == 3.0 and split["split_over_monolith"] == 0.8
+    assert split_vs_monolith(results[1:], "peak_rss_gib") is None
+    # On a GPU run an encoder placed on the CPU counts as holding no GPU memory.
+    gpu = [_ok("encoder", 1.0, 10.0), _ok("fp16-sdpa", 3.0, 100.0, "cuda"), _ok("monolith", 5.0, 120.0, "cuda")]
+    for record in gpu[1:]:
+        record["memory"]["cuda_allocated_gib"] = record["memory"]["peak_rss_gib"] / 2
+    assert split_vs_monolith(gpu, "cuda_allocated_gib")["split_gib"] == 1.5
+    seed = {row["row"]: row for row in seed_comparison(results, "peak_rss_gib")}
+    assert set(seed) == {"fp16-sdpa", "monolith"}
+    assert seed["monolith"]["seed_memory_gib"] == 21.72 and seed["monolith"]["latency_ratio"] == 120.0 / 11413.0
+
+
+def test_markdown_header_rows_and_skip_reasons() -> None:
+    skipped = blank_result(plan_row(ROW_BY_ID["model-offload"], CPU_BASE, False), {"device": "cpu"})
+    skipped.update(status="skipped", error="--offload model moves weights | needs --device cuda")
+    rows = [_ok("fp16-sdpa", 3.0, 100.0), skipped]
+    env = {"device": "cpu", "gpu": None, "cpu": "x86", "cpu_cores": 2, "date": "2025-01-02", "torch": "2",
+           "diffusers": "0.42", "transformers": "5", "python": "3.11",
+           "model": {"spec": "tiny", "random_weights": True, "fingerprint": "sha256:ab"}}
+    bench = {"base": CPU_BASE.as_dict(), "prompts": ["p"], "repeats": 2, "encoder_device": "cpu"}
+    text = markdown({"environment": env, "bench": bench, "metric": "peak_rss_gib", "rows": rows,
+                     "split_vs_monolith": None, "seed": None})
+    assert "CPU latencies are not GPU latencies" in text and "random weights" in text
+    assert "| technique | memory (GiB) | latency (ms) |" in text
+    assert "| `fp16-sdpa` fp16 + SDPA (baseline) | — | 100.0 |" in text
+    assert "skipped: --offload model moves weights \\| needs --device cuda" in text
+
+
+# ---- process: every row in its own process --------------------------------------------------------------------
+
+BENCH_ROWS = "fp32-classic,fp16-sdpa,model-offload,tiny-vae-slicing,encoder,monolith"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, session_cache: Path) -> dict:
+    """One bench over a spread of rows, with fp32-classic's process forced to die after loading."""
+    root = tmp_path_factory.mktemp("bench")
+    cache = root / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / "tiny").symlink_to(session_cache / "models" / "tiny")
+    out = root / "results"
+    done = run_cli("--model", "tiny", "bench", "--device", "cpu", "--size", "64x64", "--steps", "2", "--images", "2",
+                   "--repeats", "2", "--rows", BENCH_ROWS, "--out", str(out), "--compare", "seed", cache=cache,
+                   env={"SDXL_SPLIT_BENCH_CRASH_ROW": "fp32-classic"})
+    files = sorted(out.iterdir()) if out.is_dir() else []
+    payload = json.loads(next(f for f in files if f.suffix == ".json").read_text()) if files else {}
+    return {"done": done, "files": files, "payload": payload, "rows": {r["row"]: r for r in payload.get("rows", [])}}
+
+
+@pytest.mark.slow
+def test_each_row_ran_in_its_own_process(bench_run: dict) -> None:
+    assert bench_run["done"].returncode == 3, bench_run["done"].stderr  # a row failed, on purpose
+    ran = [r for r in bench_run["rows"].values() if r["status"] != "skipped"]
+    pids = [r["pid"] for r in ran]
+    parent = bench_run["payload"]["parent_pid"]
+    assert len(ran) == 5 and len(set(pids)) == len(pids) and parent not in pids and os.getpid() not in pids
+    assert all(isinstance(pid, int) for pid in pids)
+    assert all(r["parent_pid"] == parent for r in ran if r["status"] == "ok")
+
+
+@pytest.mark.slow
+def test_json_holds_every_field_and_the_environment(bench_run: dict) -> None:
+    payload = bench_run["payload"]
+    assert set(bench_run["rows"]) == set(BENCH_ROWS.split(","))
+    for row in payload["rows"]:
+        assert set(RESULT_FIELDS) <= set(row) and row["status"] in STATUSES
+    ok = [r for r in payload["rows"] if r["status"] == "ok"]
+    for row in ok:
+        assert len(row["latencies_ms"]) == 2 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["memory"]["unit"] == "GiB" and row["memory"]["peak_rss_gib"] > 0 and row["memory"]["phases"]
+    phases = {r["row"]: [p["phase"] for p in r["memory"]["phases"]] for r in ok}
+    assert phases["encoder"] == ["load", "encode"] and phases["fp16-sdpa"] == ["load", "denoise", "decode"]
+    assert phases["monolith"] == ["load", "encode", "denoise", "decode"]
+    assert bench_run["rows"]["tiny-vae-slicing"]["s_per_image"] == pytest.approx(
+        bench_run["rows"]["tiny-vae-slicing"]["median_ms"] / 1000 / 2)
+    # The denoiser process never holds a text encoder; the monolith holds everything.
+    assert "text_encoder" not in bench_run["rows"]["fp16-sdpa"]["components"]
+    assert {"text_encoder", "text_encoder_2", "unet", "vae"} <= set(bench_run["rows"]["monolith"]["components"])
+    env = payload["environment"]
+    for key in ("gpu", "torch", "diffusers", "transformers", "python", "date", "argv"):
+        assert key in env
+    assert env["model"]["spec"] == "tiny" and env["model"]["random_weights"] is True
+    assert env["model"]["fingerprint"].startswith("sha256:")
+    assert payload["split_vs_monolith"]["denoiser_row"] == "fp16-sdpa"
+    assert {r["row"] for r in payload["seed"]} == {"fp32-classic", "fp16-sdpa", "model-offload", "monolith"}
+
+
+@pytest.mark.slow
+def test_skipped_and_crashed_rows_are_reported_while_the_others_complete(bench_run: dict) -> None:
+    rows = bench_run["rows"]
+    assert rows["model-offload"]["status"] == "skipped" and rows["model-offload"]["pid"] is None
+    assert "needs --device cuda" in rows["model-offload"]["error"]
+    crashed = rows["fp32-classic"]
+    assert crashed["status"] == "failed" and "SIGKILL" in crashed["error"] and crashed["exit_code"] == -9
+    assert all(rows[r]["status"] == "ok" for r in ("encoder", "fp16-sdpa", "tiny-vae-slicing", "monolith"))
+    stdout = bench_run["done"].stdout
+    assert "| technique | memory (GiB) | latency (ms) |" in stdout and "CPU latencies are not GPU latencies" in stdout
+    assert "FAILED: row process killed by SIGKILL" in stdout and "skipped: --offload model" in stdout
+    assert "split (encoder + fp16-sdpa denoiser) = " in stdout and "GiB vs monolith " in stdout
+    assert "fp32-classic" in bench_run["done"].stderr  # named among the failed rows
+
+
+@pytest.mark.slow
+def test_markdown_and_chart_files_are_written(bench_run: dict) -> None:
+    by_suffix = {f.suffix: f for f in bench_run["files"]}
+    assert set(by_suffix) == {".md", ".json", ".png"}
+    assert by_suffix[".md"].stem.startswith("cpu-") and by_suffix[".md"].stem == by_suffix[".png"].stem
+    assert by_suffix[".md"].read_text() == bench_run["done"].stdout
+    with Image.open(by_suffix[".png"]) as chart:
+        chart.verify()
+    with Image.open(by_suffix[".png"]) as chart:
+        assert chart.format == "PNG" and chart.size[0] > 400
+
+
+@pytest.mark.slow
+def test_a_timed_out_encoder_fails_the_denoiser_rows_that_need_its_embeddings(cli, tmp_path: Path) -> None:
+    done = cli("--model", "tiny", "bench", "--device", "cpu", "--size", "64x64", "--steps", "1", "--images", "1",
+               "--repeats", "1", "--rows", "fp16-sdpa", "--row-timeout", "1", "--out", str(tmp_path))
+    assert done.returncode == 3, done.stderr
+    payload = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {r["row"]: r for r in payload["rows"]}
+    assert rows["encoder"]["error"] == "row timed out after 1 s"
+    assert rows["encoder"]["note"] == "not selected: run to fill the embedding cache"
+    assert rows["fp16-sdpa"]["status"] == "failed" and "encoder row failed" in rows["fp16-sdpa"]["error"]
+
+
+@pytest.mark.slow
+def test_bad_row_ids_are_one_line_user_errors(cli, tmp_path: Path) -> None:
+    done = cli("bench", "--rows", "fp16-sdpa,warp-drive", "--out", str(tmp_path / "results"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "unknown row 'warp-drive'" in done.stderr and not (tmp_path / "results").exists()
