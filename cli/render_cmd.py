@@ -149,7 +149,7 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     if prompts is None:
         serve_stream(ctx, config, connect, credits, serve, curve_dir, job_delay, as_json)
         return
-    if connect is not None:
+    if ctx.get_parameter_source("connect") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
     source = resolve(opts)
