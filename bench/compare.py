@@ -32,6 +32,7 @@ def split_vs_monolith(results: list[dict], metric: str) -> dict | None:
     if any(p is None for p in parts):
         return None
     enc, den, mono = parts
+    run = [memory_gib(r, metric, after_load=True) for r in (encoder, denoiser, monolith)]
     return {
         "metric": metric,
         "denoiser_row": denoiser["row"],
@@ -42,6 +43,9 @@ def split_vs_monolith(results: list[dict], metric: str) -> dict | None:
         "monolith_gib": mono,
         "split_over_monolith": (enc + den) / mono if mono else None,
         "largest_over_monolith": max(enc, den) / mono if mono else None,
+        "after_load": None if None in run else {
+            "encoder_gib": run[0], "denoiser_gib": run[1], "split_gib": run[0] + run[1], "monolith_gib": run[2],
+        },
     }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -16,8 +17,8 @@ from sdxl_split.shared.settings import GlobalOptions
 class RowJob:
     row_id: str
     side: str
-    model: str
-    revision: str | None
+    # The parent's resolved ModelSource, so a child neither re-resolves (no hub call) nor races a build.
+    source: dict
     cache_dir: str
     prompts: tuple[str, ...]
     # The settings the encoder row caches embeddings under, and denoiser rows look them up with.
@@ -50,6 +51,15 @@ class RowJob:
     def entries(self) -> list[PromptEntry]:
         return [PromptEntry(line=index + 1, prompt=text) for index, text in enumerate(self.prompts)]
 
+    def model_source(self) -> ModelSource:
+        raw = dict(self.source)
+        raw["config_dir"] = Path(raw["config_dir"]) if raw.get("config_dir") else None
+        return ModelSource(**raw)
+
     def global_options(self) -> GlobalOptions:
-        return GlobalOptions(model=self.model, revision=self.revision, cache_dir=Path(self.cache_dir),
-                             verbosity=self.verbosity)
+        return GlobalOptions(model=self.source["spec"], revision=self.source["revision"],
+                             cache_dir=Path(self.cache_dir), verbosity=self.verbosity)
+
+
+def source_dict(source: ModelSource) -> dict:
+    return {**asdict(source), "config_dir": str(source.config_dir) if source.config_dir else None}

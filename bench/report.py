@@ -12,6 +12,10 @@ def _num(value: float | None, digits: int = 2) -> str:
     return DASH if value is None else f"{value:,.{digits}f}"
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -29,10 +33,10 @@ def _header(payload: dict) -> list[str]:
         f"- device: {env['device']}; GPU: {env['gpu'] or 'none'}; CPU: {env['cpu']} ({env['cpu_cores']} cores); "
         f"encoder device: {bench['encoder_device']}",
         f"- model: {model['spec']}{weights}; fingerprint {model['fingerprint']}",
-        f"- workload: {base['width']}x{base['height']}, {base['steps']} steps, {base['images_per_prompt']} images "
-        f"per prompt, {prompts} prompt{'s' if prompts != 1 else ''}, {base['scheduler']}, guidance "
-        f"{base['guidance']}; one untimed warm-up, then latency = median of {bench['repeats']} timed repeats; "
-        "every row in a fresh process",
+        f"- workload: {base['width']}x{base['height']}, {_count(base['steps'], 'step')}, "
+        f"{_count(base['images_per_prompt'], 'image')} per prompt (one batch), {_count(prompts, 'prompt')}, "
+        f"{base['scheduler']}, guidance {base['guidance']}; one untimed warm-up, then latency = median of "
+        f"{_count(bench['repeats'], 'timed repeat')}; every row in a fresh process",
         "- memory in GiB (1024**3 bytes), per process: \"memory\" is torch.cuda.max_memory_allocated (the seed's "
         "\"GB\" column), reserved is the caching allocator's peak, NVML the driver's view (includes the CUDA "
         "context)",
@@ -45,7 +49,9 @@ def _header(payload: dict) -> list[str]:
                      f"{env['cpu_cores']} cores; other work running alongside slows the rows unevenly")
     if not on_gpu:
         lines.append("- CPU latencies are not GPU latencies. On cpu the fp16 rows run in fp32 (half precision on "
-                     "this CPU is ~18x slower), as their notes say; there is no GPU memory, peak RSS is the figure")
+                     "this CPU is ~18x slower), as their notes say. There is no GPU memory: peak RSS is the figure, "
+                     "and it includes loading, which can peak above running (fp16 weights on disk upcast to fp32); "
+                     "the split line's second figure leaves loading out")
     return lines
 
 
@@ -77,15 +83,22 @@ def _row_line(result: dict) -> str:
     return f"| {technique} | " + " | ".join(cells) + f" | {_note(result)} |"
 
 
-def split_line(split: dict | None) -> str | None:
+def split_lines(split: dict | None) -> list[str]:
     if split is None:
-        return None
-    return (
+        return []
+    lines = [
         f"split (encoder + {split['denoiser_row']} denoiser) = {split['split_gib']:.2f} GiB vs monolith "
         f"{split['monolith_gib']:.2f} GiB ({metric_label(split['metric'])} per process, summed: "
         f"{split['split_over_monolith']:.2f}x the monolith; largest single process "
         f"{split['largest_process_gib']:.2f} GiB, {split['largest_over_monolith']:.2f}x)"
-    )
+    ]
+    run = split.get("after_load")
+    if run is not None:
+        lines.append(
+            f"after loading (encode/denoise/decode phases only): split = {run['encoder_gib']:.2f} + "
+            f"{run['denoiser_gib']:.2f} = {run['split_gib']:.2f} GiB vs monolith {run['monolith_gib']:.2f} GiB"
+        )
+    return lines
 
 
 def _seed_section(payload: dict) -> list[str]:
@@ -120,9 +133,9 @@ def markdown(payload: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     lines += [_row_line(result) for result in payload["rows"]]
-    split = split_line(payload.get("split_vs_monolith"))
+    split = split_lines(payload.get("split_vs_monolith"))
     if split:
-        lines += ["", split]
+        lines += [""] + [f"{line}  " for line in split[:-1]] + split[-1:]  # two spaces: markdown line break
     if payload.get("seed") is not None:
         lines += _seed_section(payload)
     return "\n".join(lines) + "\n"

@@ -26,9 +26,16 @@ def headline_metric(device: str) -> str:
     return "cuda_allocated_gib" if device.startswith("cuda") else "peak_rss_gib"
 
 
-def memory_gib(result: dict, metric: str) -> float | None:
+def memory_gib(result: dict, metric: str, after_load: bool = False) -> float | None:
+    """The row's peak by `metric`; with after_load, over its work phases only. Loading can peak higher than
+    running: on the CPU, fp16 weights on disk are upcast to fp32 while a second copy still exists."""
     memory = result.get("memory") or {}
-    value = memory.get(metric)
+    if after_load:
+        values = [p.get(metric) for p in memory.get("phases", []) if p["phase"] != "load"]
+        present = [v for v in values if v is not None]
+        value = max(present) if present else None
+    else:
+        value = memory.get(metric)
     if value is None and metric == "cuda_allocated_gib" and (result.get("settings") or {}).get("device") == "cpu":
         return 0.0  # a row placed on the CPU (the encoder, usually) holds no GPU memory at all
     return value

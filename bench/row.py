@@ -36,7 +36,6 @@ def run(job: RowJob) -> dict:
     from sdxl_split.bench.sides import RUNNERS
     from sdxl_split.bench.timing import latency_stats
     from sdxl_split.shared.memory import MemoryMeter
-    from sdxl_split.shared.models.resolve import resolve_model
     from sdxl_split.shared.quiet import quiet_libraries
 
     quiet_libraries(job.verbosity)
@@ -47,7 +46,7 @@ def run(job: RowJob) -> dict:
     record: dict = {"row": job.row_id, "side": job.side, "pid": os.getpid(), "parent_pid": os.getppid(),
                     "settings": settings}
     try:
-        source = resolve_model(job.model, Path(job.cache_dir), job.revision)
+        source = job.model_source()
 
         def loaded() -> None:
             if job.crash:

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.job import RowJob, source_dict
 from sdxl_split.bench.launcher import run_in_fresh_process
 from sdxl_split.bench.results import blank_result
 from sdxl_split.bench.rows import ROW_BY_ID, PlannedRow, Row, plan_row
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
+from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -63,8 +64,8 @@ def _settings_of(planned: PlannedRow, bench: BenchSettings, encoding: EncodingSe
     return planned.config.as_dict()
 
 
-def run_rows(bench: BenchSettings, opts: GlobalOptions, encoding: EncodingSettings, cuda_available: bool,
-             progress: Callable[[int, int, dict], None]) -> list[dict]:
+def run_rows(bench: BenchSettings, opts: GlobalOptions, source: ModelSource, encoding: EncodingSettings,
+             cuda_available: bool, progress: Callable[[int, int, dict], None]) -> list[dict]:
     """Run every planned row and return one result record per row, in run order."""
     planned = plan(bench, opts, encoding, cuda_available)
     results: list[dict] = []
@@ -78,7 +79,7 @@ def run_rows(bench: BenchSettings, opts: GlobalOptions, encoding: EncodingSettin
                 # Saves a process start per row, each of which would only find the cache empty.
                 record.update(status="failed", error=f"no embeddings: the encoder row failed ({encoder_failed})")
             else:
-                job = RowJob(row_id=item.row.id, side=item.row.side, model=opts.model, revision=opts.revision,
+                job = RowJob(row_id=item.row.id, side=item.row.side, source=source_dict(source),
                              cache_dir=str(opts.cache_dir), prompts=bench.prompts, encoding=asdict(encoding),
                              encoder_device=bench.encoder_device,
                              render=item.config.as_dict() if item.config is not None else None,

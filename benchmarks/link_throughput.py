@@ -86,7 +86,8 @@ def main() -> None:
     for endpoint in (f"ipc://{tempfile.mkdtemp()}/bench.ipc", "tcp://127.0.0.1:5599"):
         r = run(endpoint, args.messages)
         print(f"{r['endpoint']:>4}: {r['messages']} JOBs of {r['job_mb']:.3f} MB: {r['msgs_per_s']:.0f} msg/s "
-              f"({r['mb_per_s']:.0f} MB/s), round trip median {r['rtt_ms_median']:.2f} ms, p99 {r['rtt_ms_p99']:.2f} ms")
+              f"({r['mb_per_s']:.0f} MB/s), round trip median {r['rtt_ms_median']:.2f} ms, "
+              f"p99 {r['rtt_ms_p99']:.2f} ms")
 
 
 if __name__ == "__main__":

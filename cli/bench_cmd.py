@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from sdxl_split.shared.settings import GlobalOptions
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 CRASH_ENV = "SDXL_SPLIT_BENCH_CRASH_ROW"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @click.command("bench")
@@ -89,8 +94,10 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
              "fingerprint": fingerprint(source, TEXT_COMPONENTS + DENOISE_COMPONENTS, opts.cache_dir)}
     env = environment(device, model, ["sdxl-split", *sys.argv[1:]])
     metric = headline_metric(device)
+    # SIGTERM unwinds like Ctrl-C: the running row's process is killed and the scratch folder removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     notice(f"bench: {len(rows)} rows on {device} ({env['gpu'] or env['cpu']}), each in a fresh process")
-    results = run_rows(settings, opts, encoding, cuda_available,
+    results = run_rows(settings, opts, source, encoding, cuda_available,
                        progress=lambda i, n, result: notice(progress_line(i, n, result, metric)))
     payload = build_payload(env, settings.as_dict(), results, compare == "seed", os.getpid())
     paths = write_outputs(payload, out_dir)

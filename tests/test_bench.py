@@ -11,7 +11,7 @@ from conftest import run_cli
 from PIL import Image
 
 from sdxl_split.bench.compare import seed_comparison, split_vs_monolith
-from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.job import RowJob, source_dict
 from sdxl_split.bench.launcher import _death_reason
 from sdxl_split.bench.report import markdown
 from sdxl_split.bench.results import RESULT_FIELDS, STATUSES, blank_result
@@ -19,6 +19,7 @@ from sdxl_split.bench.rows import ROW_BY_ID, ROWS, plan_row, select_rows
 from sdxl_split.bench.timing import latency_stats
 from sdxl_split.denoiser_service.config import RenderConfig, validate
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.models.resolve import ModelSource
 
 CPU_BASE = RenderConfig(device="cpu", width=64, height=64, steps=2, images_per_prompt=2)
 
@@ -56,11 +57,13 @@ def test_cpu_plan_runs_half_precision_in_fp32_and_skips_what_needs_a_gpu_with_va
 
 
 def test_row_job_round_trips_through_json() -> None:
-    job = RowJob(row_id="tiny-vae", side="denoiser", model="tiny", revision=None, cache_dir="/c", prompts=("a", "b"),
+    source = ModelSource(spec="tiny", kind="folder", location="/m/tiny", config_dir=Path("/m/tiny"),
+                         random_weights=True)
+    job = RowJob(row_id="tiny-vae", side="denoiser", source=source_dict(source), cache_dir="/c", prompts=("a", "b"),
                  encoding={"fingerprint": "sha256:x", "clip_skip": None, "dtype": "fp32", "force_zeros": True},
                  encoder_device="cpu", render=CPU_BASE.as_dict(), repeats=2)
     again = RowJob.from_json(job.to_json())
-    assert again == job and again.render_config() == CPU_BASE
+    assert again == job and again.render_config() == CPU_BASE and again.model_source() == source
     assert [e.prompt for e in again.entries()] == ["a", "b"]
 
 
@@ -83,7 +86,13 @@ def test_split_against_monolith_and_seed_ratios() -> None:
     results = [_ok("encoder", 1.0, 10.0), _ok("fp16-sdpa", 3.0, 100.0), _ok("monolith", 5.0, 120.0)]
     split = split_vs_monolith(results, "peak_rss_gib")
     assert split["split_gib"] == 4.0 and split["largest_process_gib"] == 3.0 and split["split_over_monolith"] == 0.8
+    assert split["after_load"] is None  # no per-phase figures in these records
     assert split_vs_monolith(results[1:], "peak_rss_gib") is None
+    for record, load, work in zip(results, (1.0, 3.0, 5.0), (0.5, 2.0, 4.0)):
+        record["memory"]["phases"] = [{"phase": "load", "peak_rss_gib": load},
+                                      {"phase": "denoise", "peak_rss_gib": work}]
+    assert split_vs_monolith(results, "peak_rss_gib")["after_load"] == {
+        "encoder_gib": 0.5, "denoiser_gib": 2.0, "split_gib": 2.5, "monolith_gib": 4.0}
     # On a GPU run an encoder placed on the CPU counts as holding no GPU memory.
     gpu = [_ok("encoder", 1.0, 10.0), _ok("fp16-sdpa", 3.0, 100.0, "cuda"), _ok("monolith", 5.0, 120.0, "cuda")]
     for record in gpu[1:]:
