@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from sdxl_split.bench.results import memory_gib, metric_label
 from sdxl_split.bench.seed_table import SEED_GPU, SEED_NOTE, SEED_WORKLOAD
 
@@ -46,7 +48,9 @@ def _header(payload: dict) -> list[str]:
     loads = [r["load_avg_1m"] for r in payload["rows"] if r.get("load_avg_1m") is not None]
     if loads:
         lines.append(f"- machine load (1-min average at each row's end): up to {max(loads):.2f} on "
-                     f"{env['cpu_cores']} cores; other work running alongside slows the rows unevenly")
+                     f"{env['cpu_cores']} cores; other work running alongside slows rows unevenly, by up to "
+                     "100x when torch's threads spin-wait for a core (cpu_ms in the JSON is each repeat's process "
+                     "CPU time: about threads x wall when the cores were free)")
     if not on_gpu:
         lines.append("- CPU latencies are not GPU latencies. On cpu the fp16 rows run in fp32 (half precision on "
                      "this CPU is ~18x slower), as their notes say. There is no GPU memory: peak RSS is the figure, "
@@ -147,5 +151,6 @@ def progress_line(index: int, total: int, result: dict, metric: str) -> str:
     if result["status"] != "ok":
         return f"{head} ({result['error']})"
     memory = memory_gib(result, metric)
-    return (f"{head}, median {result['median_ms']:,.1f} ms, {metric_label(metric)} {_num(memory)} GiB "
-            f"(pid {result['pid']})")
+    cpu = statistics.median(result["cpu_ms"]) if result["cpu_ms"] else None
+    return (f"{head}, median {result['median_ms']:,.1f} ms (CPU time {_num(cpu, 1)} ms), {metric_label(metric)} "
+            f"{_num(memory)} GiB (pid {result['pid']})")

@@ -6,7 +6,7 @@ from sdxl_split.bench.rows import PlannedRow
 
 RESULT_FIELDS = (
     "row", "technique", "side", "status", "note", "seed_technique", "settings", "pid", "parent_pid", "exit_code",
-    "error", "warmup_ms", "latencies_ms", "median_ms", "min_ms", "max_ms", "s_per_image", "images_per_repeat",
+    "error", "warmup_ms", "latencies_ms", "cpu_ms", "median_ms", "min_ms", "max_ms", "s_per_image", "images_per_repeat",
     "memory", "components", "load_avg_1m", "process_s", "log_tail",
 )
 STATUSES = ("ok", "failed", "skipped")
@@ -16,8 +16,8 @@ def blank_result(planned: PlannedRow, settings: dict | None) -> dict:
     """Every field present (None where it does not apply), so readers of the JSON never guess."""
     record = dict.fromkeys(RESULT_FIELDS)
     record.update(row=planned.row.id, technique=planned.row.technique, side=planned.row.side, note=planned.note,
-                  seed_technique=planned.row.seed_technique, settings=settings, latencies_ms=[], components=[],
-                  log_tail=[])
+                  seed_technique=planned.row.seed_technique, settings=settings, latencies_ms=[], cpu_ms=[],
+                  components=[], log_tail=[])
     return record
 
 

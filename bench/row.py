@@ -66,6 +66,7 @@ def run(job: RowJob) -> dict:
         error=None,
         warmup_ms=measured.warmup_ms,
         latencies_ms=measured.latencies_ms,
+        cpu_ms=measured.cpu_ms,
         images_per_repeat=measured.images_per_repeat,
         components=measured.components,
         memory=meter.summary(),

@@ -26,6 +26,8 @@ from sdxl_split.shared.models.resolve import ModelSource
 class Measured:
     warmup_ms: float
     latencies_ms: list[float]
+    # Process CPU time of each timed repeat (all threads).
+    cpu_ms: list[float]
     # Images one repeat produces (None for the encoder, which produces embeddings).
     images_per_repeat: int | None
     # Pipeline components actually held by this process: the proof that a denoiser row has no text encoder.
@@ -36,9 +38,12 @@ def _held(pipe) -> list[str]:
     return sorted(name for name, part in pipe.components.items() if part is not None)
 
 
-def _repeat(work: Callable[[], object], job: RowJob, device: str) -> tuple[float, list[float]]:
-    warmup = timed_ms(work, device)  # compiles, allocates, fills caches: untimed in the figures
-    return warmup, [timed_ms(work, device) for _ in range(job.repeats)]
+def _repeat(work: Callable[[], object], job: RowJob, device: str) -> tuple[float, list[float], list[float]]:
+    """Warm-up wall ms (compiles, allocates, fills caches: kept out of the figures), then each repeat's wall and
+    CPU ms."""
+    warmup, _ = timed_ms(work, device)
+    timed = [timed_ms(work, device) for _ in range(job.repeats)]
+    return warmup, [wall for wall, _ in timed], [cpu for _, cpu in timed]
 
 
 def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
@@ -54,12 +59,12 @@ def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Ca
         encoded[:] = [text_side.encode([entry], settings.clip_skip)[0] for entry in entries]
 
     with meter.phase("encode"):
-        warmup, latencies = _repeat(once, job, job.encoder_device)
+        warmup, latencies, cpu = _repeat(once, job, job.encoder_device)
     cache = EmbeddingCache(job.global_options().embeddings_dir)
     for entry, result in zip(entries, encoded):
         cache.store(Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
                                tensors=result.tensors, truncated=bool(result.dropped)))
-    return Measured(warmup, latencies, None, _held(text_side.pipe))
+    return Measured(warmup, latencies, cpu, None, _held(text_side.pipe))
 
 
 def cached_records(job: RowJob) -> list[Embeddings]:
@@ -89,8 +94,8 @@ def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
         for record in records:
             denoiser.render(record, config.seed, config.images_per_prompt)
 
-    warmup, latencies = _repeat(once, job, config.device)
-    return Measured(warmup, latencies, config.images_per_prompt * len(records), _held(pipe))
+    warmup, latencies, cpu = _repeat(once, job, config.device)
+    return Measured(warmup, latencies, cpu, config.images_per_prompt * len(records), _held(pipe))
 
 
 def load_monolith(source: ModelSource, config: RenderConfig):
@@ -133,8 +138,8 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
                                 tensors=dict(zip(names, tensors)))
             denoiser.render(record, config.seed, config.images_per_prompt)
 
-    warmup, latencies = _repeat(once, job, config.device)
-    return Measured(warmup, latencies, config.images_per_prompt * len(entries), _held(pipe))
+    warmup, latencies, cpu = _repeat(once, job, config.device)
+    return Measured(warmup, latencies, cpu, config.images_per_prompt * len(entries), _held(pipe))
 
 
 RUNNERS: dict[str, Callable[[RowJob, ModelSource, MemoryMeter, Callable[[], None]], Measured]] = {

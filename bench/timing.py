@@ -1,4 +1,4 @@
-"""Wall-clock timing of one repeat (GPU work included), and the latency figures a row reports."""
+"""Timing of one repeat (wall clock, GPU work included, and CPU time), and the latency figures a row reports."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import time
 from collections.abc import Callable
 
 
-def timed_ms(work: Callable[[], object], device: str) -> float:
-    """Milliseconds for `work`, waiting for queued GPU kernels so asynchronous launches are not mistaken for speed."""
+def timed_ms(work: Callable[[], object], device: str) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms) for `work`. Waits for queued GPU kernels, so asynchronous launches are not
+    mistaken for speed. CPU time over wall time shows how many cores the repeat really had."""
     import torch
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+        torch.cuda.synchronize(torch.device(device))
+    started, cpu_started = time.perf_counter(), time.process_time()
     work()
     if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) * 1000.0
+        torch.cuda.synchronize(torch.device(device))
+    return (time.perf_counter() - started) * 1000.0, (time.process_time() - cpu_started) * 1000.0
 
 
 def latency_stats(latencies_ms: list[float], images_per_repeat: int | None) -> dict:

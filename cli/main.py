@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from importlib.metadata import version  # noqa: E402
@@ -20,7 +21,38 @@ from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
 from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs, so errors and --help of one command do
+    not pay for importing torch and diffusers through all the others."""
+
+    def __init__(self, *args, lazy: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._lazy and name not in self.commands:
+            module, attribute = self._lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+# One line per command: adding a command touches nothing else.
+COMMANDS = {
+    "bench": "sdxl_split.cli.bench_cmd:bench",
+    "cache": "sdxl_split.cli.cache_cmd:cache",
+    "encode": "sdxl_split.cli.encode_cmd:encode",
+    "keys": "sdxl_split.cli.keys_cmd:keys",
+    "model": "sdxl_split.cli.model_cmd:model",
+    "render": "sdxl_split.cli.render_cmd:render",
+    "run": "sdxl_split.cli.run_cmd:run",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(version("sdxl-split"), prog_name="sdxl-split")
 @click.option(
     "--model",
@@ -53,28 +85,6 @@ def cli(ctx: click.Context, model: str, revision: str | None, cache_dir: str | N
     """
     ctx.obj = GlobalOptions(model=model, revision=revision, cache_dir=cache_dir_from(cache_dir),
                             verbosity=verbose)
-
-
-def _register_commands() -> None:
-    # One line per command module, so commands can be added without touching each other.
-    from sdxl_split.cli.bench_cmd import bench
-    from sdxl_split.cli.cache_cmd import cache
-    from sdxl_split.cli.encode_cmd import encode
-    from sdxl_split.cli.keys_cmd import keys
-    from sdxl_split.cli.model_cmd import model
-    from sdxl_split.cli.render_cmd import render
-    from sdxl_split.cli.run_cmd import run
-
-    cli.add_command(model)
-    cli.add_command(encode)
-    cli.add_command(keys)
-    cli.add_command(render)
-    cli.add_command(run)
-    cli.add_command(cache)
-    cli.add_command(bench)
-
-
-_register_commands()
 
 
 def main(argv: list[str] | None = None, meta: dict | None = None) -> None:

@@ -70,7 +70,8 @@ def run(ctx: click.Context, prompts: Path, denoisers: int, credits: int, max_att
     opts: GlobalOptions = ctx.obj
     parse_prompt_file(prompts, default_negative=kw["negative_prompt"])  # bad input fails here, in one line
     render_config_from(kw)
-    encode_cmd, render_cmd = ctx.parent.command.commands["encode"], ctx.parent.command.commands["render"]
+    group = ctx.parent.command
+    encode_cmd, render_cmd = group.get_command(ctx.parent, "encode"), group.get_command(ctx.parent, "render")
     workdir = Path(tempfile.mkdtemp(prefix="sdxl-split-"))
     endpoint = f"ipc://{workdir}/link.ipc"
     common = ["--model", opts.model, "--cache-dir", str(opts.cache_dir)] + (

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.pipeline import expected_widths
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.memory import MemoryMeter
+
+if TYPE_CHECKING:  # diffusers is imported by whoever loads the pipeline, not by every CLI start-up
+    from diffusers import StableDiffusionXLPipeline
 
 
 class JobError(Exception):
@@ -35,6 +37,8 @@ class Denoiser:
         self.pipe = pipe
         self.config = config
         self.meter = meter
+        from sdxl_split.denoiser_service.pipeline import expected_widths
+
         self.widths = expected_widths(pipe)
 
     def check(self, record: Embeddings) -> None:
@@ -78,6 +82,7 @@ class Denoiser:
         latents = latents.to(_execution_device(vae))
         return vae.decode(latents, return_dict=False)[0]
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> Decoded:
         vae = self.pipe.vae
         # SDXL's VAE overflows in fp16; its config asks for an fp32 decode (force_upcast), as diffusers does.

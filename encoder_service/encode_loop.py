@@ -6,12 +6,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
+from typing import TYPE_CHECKING
 
-from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
+
+if TYPE_CHECKING:  # diffusers loads only when some prompt actually needs encoding
+    from sdxl_split.encoder_service.text_side import TextSide
 
 # Called with every entry whose embeddings are ready, plus the exact bytes that are cached (and sent).
 Sink = Callable[[PromptEntry, Embeddings, bytes], None]

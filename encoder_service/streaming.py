@@ -6,15 +6,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
 from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
 from sdxl_split.encoder_service.journal import Journal, work_id
-from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
+
+if TYPE_CHECKING:  # diffusers loads only when some prompt actually needs encoding
+    from sdxl_split.encoder_service.text_side import TextSide
 
 
 @dataclass

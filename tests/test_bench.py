@@ -160,6 +160,7 @@ def test_json_holds_every_field_and_the_environment(bench_run: dict) -> None:
     ok = [r for r in payload["rows"] if r["status"] == "ok"]
     for row in ok:
         assert len(row["latencies_ms"]) == 2 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert len(row["cpu_ms"]) == 2 and all(ms > 0 for ms in row["cpu_ms"]) and row["warmup_ms"] > 0
         assert row["memory"]["unit"] == "GiB" and row["memory"]["peak_rss_gib"] > 0 and row["memory"]["phases"]
     phases = {r["row"]: [p["phase"] for p in r["memory"]["phases"]] for r in ok}
     assert phases["encoder"] == ["load", "encode"] and phases["fp16-sdpa"] == ["load", "denoise", "decode"]

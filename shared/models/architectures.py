@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Written into every folder we generate, so loaders can say "random weights" and which architecture.
+MARKER_FILE = "sdxl_split_model.json"
+# The tiny VAE sits beside the pipeline's components but outside model_index.json, so that
+# `StableDiffusionXLPipeline.from_pretrained(dir)` loads exactly what a real SDXL folder holds.
+TINY_VAE_SUBFOLDER = "vae_tiny"
+
 # Published configs of stabilityai/stable-diffusion-xl-base-1.0 (the parts that change the graph).
 SDXL_UNET: dict[str, Any] = {
     "act_fn": "silu",

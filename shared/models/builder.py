@@ -14,14 +14,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_split.shared.models.architectures import Architecture
+from sdxl_split.shared.models.architectures import MARKER_FILE, TINY_VAE_SUBFOLDER, Architecture
 from sdxl_split.shared.models.clip_tokenizers import write_sdxl_tokenizers
-
-# The tiny VAE sits beside the pipeline's components but outside model_index.json, so that
-# `StableDiffusionXLPipeline.from_pretrained(dir)` loads exactly what a real SDXL folder holds.
-TINY_VAE_SUBFOLDER = "vae_tiny"
-# Written into every folder we generate, so loaders can say "random weights" and which architecture.
-MARKER_FILE = "sdxl_split_model.json"
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from sdxl_split.shared.errors import ModelNotFoundError, UserError
-from sdxl_split.shared.models.architectures import ARCHITECTURES
-from sdxl_split.shared.models.builder import MARKER_FILE, build_model, write_config_folder
+from sdxl_split.shared.models.architectures import ARCHITECTURES, MARKER_FILE
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 BUILTIN_MODELS = tuple(ARCHITECTURES)
@@ -82,6 +81,8 @@ def _ensure_builtin(name: str, cache_dir: Path, announce: Callable[[str], None])
     folder = builtin_model_dir(cache_dir, name)
     if not (folder / MARKER_FILE).is_file():
         announce(f"building the built-in '{name}' model (random weights) into {folder} ...")
+        from sdxl_split.shared.models.builder import build_model  # diffusers: only when building
+
         try:
             build_model(ARCHITECTURES[name], folder, dtype=_builtin_dtype(name))
         except FileExistsError:
@@ -102,6 +103,8 @@ def _single_file_source(spec: str, path: Path, cache_dir: Path) -> ModelSource:
     # Single-file checkpoints carry no configs or tokenizers; ship SDXL base's own so loading stays offline.
     config_dir = cache_dir / "models" / "sdxl-base-configs"
     if not (config_dir / "model_index.json").is_file():
+        from sdxl_split.shared.models.builder import write_config_folder
+
         write_config_folder(ARCHITECTURES["sdxl-random"], config_dir)
     return ModelSource(spec=spec, kind="single_file", location=str(path.resolve()), config_dir=config_dir)
 
