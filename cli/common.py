@@ -41,6 +41,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def cuda_index(device: str) -> int | None:
+    """The CUDA device number a --device names, or None for cpu/mps."""
+    if not device.startswith("cuda"):
+        return None
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
 def default_dtype(device: str, dtype: str | None) -> str:
     """fp32 on the CPU (bf16 there is many times slower), fp16 on GPUs."""
     return dtype or ("fp32" if device == "cpu" else "fp16")

@@ -12,7 +12,15 @@ import click
 import zmq
 from tqdm import tqdm
 
-from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype, notice, print_json, resolve
+from sdxl_split.cli.common import (
+    DTYPE_CHOICES,
+    check_device,
+    cuda_index,
+    default_dtype,
+    notice,
+    print_json,
+    resolve,
+)
 from sdxl_split.encoder_service.config import EncodeConfig
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import EncodingSettings
@@ -114,7 +122,7 @@ def encode(ctx: click.Context, prompts: Path, negative_prompt: str | None, clip_
     settings = encoding_settings(opts, source, config.dtype, config.clip_skip)
     cache = EmbeddingCache(opts.embeddings_dir)
     journal = Journal(journal_path(opts.cache_dir, prompts, json.dumps(asdict(settings), sort_keys=True)))
-    meter = MemoryMeter(cuda_device=_cuda_index(device))
+    meter = MemoryMeter(cuda_device=cuda_index(device))
     stop = threading.Event()
     install_stop_handlers(stop)
     hooks = ctx.meta.get(CHILD_HOOKS, {})
@@ -149,7 +157,7 @@ def encode(ctx: click.Context, prompts: Path, negative_prompt: str | None, clip_
                "done": result.done, "dead_lettered": result.dead_lettered, "abandoned": result.abandoned,
                "denoisers_attached": result.denoisers_attached, "interrupted": result.interrupted}
     hooks.get("result", lambda payload: None)(summary)
-    later = render_later_command(opts, prompts, negative_prompt, clip_skip, config)
+    later = command_for(opts, ["render", "--prompts"], prompts, negative_prompt, clip_skip, config.dtype)
     if as_json:
         print_json(summary)
     else:
@@ -169,21 +177,16 @@ def encode(ctx: click.Context, prompts: Path, negative_prompt: str | None, clip_
         sys.exit(EXIT_SOME_FAILED)
 
 
-def render_later_command(opts: GlobalOptions, prompts: Path, negative_prompt: str | None,
-                         clip_skip: int | None, config: EncodeConfig) -> str:
-    words = ["sdxl-split", "--model", opts.model, "render", "--prompts", str(prompts)]
+def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, negative_prompt: str | None,
+                clip_skip: int | None, dtype: str) -> str:
+    """A copy-pasteable command with the same model and the encoding options that select the cache keys."""
+    words = ["sdxl-split", "--model", opts.model, *verb, str(prompts)]
     if negative_prompt is not None:
         words += ["--negative-prompt", negative_prompt]
-    if clip_skip is not None:
+    if clip_skip:
         words += ["--clip-skip", str(clip_skip)]
-    if config.dtype != "fp32" or config.device != "cpu":
-        words += ["--encoder-dtype", config.dtype]
+    if dtype != "fp32":
+        words += ["--encoder-dtype", dtype]
     return shlex.join(words)
-
-
-def _cuda_index(device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 

@@ -9,8 +9,22 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype, notice, print_json, resolve
-from sdxl_split.cli.encode_cmd import CHILD_HOOKS, DEFAULT_ENDPOINT, encoding_options, encoding_settings
+from sdxl_split.cli.common import (
+    DTYPE_CHOICES,
+    check_device,
+    cuda_index,
+    default_dtype,
+    notice,
+    print_json,
+    resolve,
+)
+from sdxl_split.cli.encode_cmd import (
+    CHILD_HOOKS,
+    DEFAULT_ENDPOINT,
+    command_for,
+    encoding_options,
+    encoding_settings,
+)
 from sdxl_split.denoiser_service.config import (
     ATTENTION,
     COMPILE_MODES,
@@ -109,12 +123,6 @@ def denoiser_loader(source: ModelSource, config: RenderConfig, meter: MemoryMete
     return load
 
 
-def cuda_index(device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    return int(device.split(":", 1)[1]) if ":" in device else 0
-
-
 @click.command("render")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="Render every prompt of this file from the embedding cache (no encoder needed).")
@@ -168,12 +176,8 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
         notice(f"missing embeddings for {prompts}:{entry.line} {entry.prompt[:60]!r}"
                + (f" ({problem})" if problem else ""))
     if missing:
-        from sdxl_split.cli.encode_cmd import render_later_command  # noqa: F401  (same flags, mirrored)
-
-        notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: "
-               f"sdxl-split --model {opts.model} encode {prompts}"
-               + (f" --negative-prompt {negative_prompt!r}" if negative_prompt else "")
-               + (f" --clip-skip {clip_skip}" if clip_skip is not None else ""))
+        encode = command_for(opts, ["encode"], prompts, negative_prompt, clip_skip, settings.dtype)
+        notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: {encode}")
     meter = MemoryMeter(cuda_device=cuda_index(config.device))
     renderer = Renderer(denoiser_loader(source, config, meter), OutputDir(config.out_dir))
     with tqdm(total=sum(j.count for j in jobs), unit="img", desc="render", disable=True if as_json else None,
