@@ -62,7 +62,7 @@ class Worker:
 
     def _connect(self) -> None:
         if self.socket is not None:
-            self.socket.close(linger=0)
+            self.socket.close(linger=200)  # lets a BYE ack out before we reconnect
         self.socket = self.context.socket(zmq.DEALER)
         p.configure_dealer(self.socket)
         if self.config.curve_dir is not None:
@@ -153,6 +153,7 @@ class Worker:
                         if isinstance(message, p.Job):
                             pending.append(message)
                         elif isinstance(message, (p.Bye, p.Dead)):
+                            self._send(p.Bye("acknowledged"))  # the encoder waits for this before closing
                             if self.config.serve:
                                 self.report(f"encoder finished ({getattr(message, 'reason', '')}); waiting for "
                                             "the next one")

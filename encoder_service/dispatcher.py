@@ -252,9 +252,27 @@ class Dispatcher:
                 self._retry_or_bury(job, why)
 
     # ---- shutdown ----
-    def close(self, reason: str = "encoder finished") -> None:
-        for worker in list(self.workers.values()):
-            self._send(worker, p.Bye(reason))
+    def close(self, reason: str = "encoder finished", ack_timeout_s: float = 3.0) -> None:
+        """Say BYE and wait for each denoiser's BYE back. A DEALER with IMMEDIATE drops unread messages
+        when its peer disconnects, so closing straight after sending could lose the BYE itself."""
+        waiting = {identity: worker.name for identity, worker in self.workers.items()}
+        deadline = time.monotonic() + ack_timeout_s
+        next_send = 0.0
+        while waiting and time.monotonic() < deadline:
+            if time.monotonic() >= next_send:
+                for identity in list(waiting):
+                    try:
+                        self.socket.send_multipart([identity, *p.encode(p.Bye(reason))], flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        waiting.pop(identity)  # gone already, or its queue is full: nothing to wait for
+                next_send = time.monotonic() + 0.5
+            if self.socket.poll(100, zmq.POLLIN):
+                identity, *body = self.socket.recv_multipart()
+                try:
+                    if isinstance(p.decode(body), p.Bye):
+                        waiting.pop(identity, None)
+                except p.ProtocolError:
+                    pass
         self.socket.close(linger=500)
         if self._auth is not None:
             self._auth.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,17 @@ def run_streaming_encode(
         # Hand the job out now, so the GPU starts while later prompts are still being encoded.
         dispatcher.pump(throttle_s)
 
+    def load_while_serving() -> TextSide:
+        # Loading CLIP-bigG takes seconds to minutes; keep heartbeats flowing meanwhile, or attached
+        # denoisers would take the silence for a dead encoder.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+            loading = pool.submit(load_text_side)
+            while not loading.done():
+                dispatcher.pump(0.1)
+            return loading.result()
+
     try:
-        stats = run_encode(entries, settings, cache, load_text_side, sink, meter, batch_size=batch_size,
+        stats = run_encode(entries, settings, cache, load_while_serving, sink, meter, batch_size=batch_size,
                            on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
                            should_stop=stop.is_set)
         idle_since = time.monotonic()
