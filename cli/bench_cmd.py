@@ -77,7 +77,7 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
         raise UserError(f"--crash-row {crash_row!r} is not one of the selected rows")
     cuda_available = torch.cuda.is_available()
     device = check_device(device or ("cuda" if cuda_available else "cpu"))
-    encoder_device = check_device(encoder_device)
+    encoder_device = check_device(encoder_device, "--encoder-device")
     width, height = parse_size(size)
     if any(not text.strip() for text in prompts):
         raise UserError("--prompt must not be empty")

@@ -27,17 +27,21 @@ def resolve(opts: GlobalOptions) -> ModelSource:
     return source
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, flag: str = "--device") -> str:
+    """Refuse a device torch cannot use here, naming the flag it came from."""
     import torch
 
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
+            raise UserError(f"{flag} {device} asked for CUDA, but torch sees no CUDA GPU; use {flag} cpu")
+        try:
+            index = int(device.split(":", 1)[1]) if ":" in device else 0
+        except ValueError:
+            raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N") from None
         if index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device != "cpu" and device != "mps":
-        raise UserError(f"--device {device!r} is not cpu, mps, cuda or cuda:N")
+            raise UserError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device not in ("cpu", "mps"):
+        raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N")
     return device
 
 

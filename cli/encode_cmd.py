@@ -112,7 +112,7 @@ def encode(ctx: click.Context, prompts: Path, negative_prompt: str | None, clip_
 
     opts: GlobalOptions = ctx.obj
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
-    device = check_device(encoder_device)
+    device = check_device(encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=default_dtype(device, encoder_dtype), clip_skip=clip_skip,
                           batch_size=batch_size)
     if curve_dir is None and not is_loopback(bind):
