@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
 from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
@@ -19,6 +19,8 @@ from sdxl_split.shared.prompts import PromptEntry
 
 if TYPE_CHECKING:  # diffusers loads only when some prompt actually needs encoding
     from sdxl_split.encoder_service.text_side import TextSide
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,14 +66,25 @@ def run_streaming_encode(
         # Hand the job out now, so the GPU starts while later prompts are still being encoded.
         dispatcher.pump(throttle_s)
 
-    def load_while_serving() -> TextSide:
-        # Loading CLIP-bigG takes seconds to minutes; keep heartbeats flowing meanwhile, or attached
-        # denoisers would take the silence for a dead encoder.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
-            loading = pool.submit(load_text_side)
-            while not loading.done():
-                dispatcher.pump(0.1)
-            return loading.result()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-side")
+
+    def serving(work: Callable[[], T]) -> T:
+        # Loading CLIP-bigG takes seconds to minutes, and one forward pass seconds on a busy CPU: run them
+        # off the main thread and keep the link served, or denoisers take the silence for a dead encoder.
+        running = pool.submit(work)
+        while not running.done():
+            dispatcher.pump(0.1)
+        return running.result()
+
+    class ServedTextSide:
+        def __init__(self, inner: TextSide) -> None:
+            self.inner = inner
+
+        def encode(self, batch: list[PromptEntry], clip_skip: int | None) -> list:
+            return serving(lambda: self.inner.encode(batch, clip_skip))
+
+    def load_while_serving() -> ServedTextSide:
+        return ServedTextSide(serving(load_text_side))
 
     try:
         stats = run_encode(entries, settings, cache, load_while_serving, sink, meter, batch_size=batch_size,
@@ -94,4 +107,5 @@ def run_streaming_encode(
                             dead_lettered=counts["dead"], abandoned=abandoned,
                             denoisers_attached=dispatcher.ever_attached, interrupted=stop.is_set())
     finally:
+        pool.shutdown(wait=True)
         dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")
