@@ -118,5 +118,6 @@ def main(argv: list[str] | None = None, meta: dict | None = None) -> None:
     except Exception as err:  # a bug, not bad input: keep it short unless asked
         if "-vv" in (argv or sys.argv):
             traceback.print_exc()
-        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with -vv for the traceback)", err=True)
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        click.echo(f"internal error: {type(err).__name__}: {first} (rerun with -vv for the traceback)", err=True)
         sys.exit(1)

@@ -47,6 +47,7 @@ from sdxl_split.shared.prompts import parse_prompt_file
 from sdxl_split.shared.settings import GlobalOptions
 
 EXIT_SOME_FAILED = 3
+MAX_LISTED = 10
 
 
 def render_options(func):
@@ -172,9 +173,11 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
             jobs.append(make_job(entry, found.record, config, identity))
         else:
             missing.append((entry, found.problem))
-    for entry, problem in missing:
+    for entry, problem in missing[:MAX_LISTED]:
         notice(f"missing embeddings for {prompts}:{entry.line} {entry.prompt[:60]!r}"
                + (f" ({problem})" if problem else ""))
+    if len(missing) > MAX_LISTED:
+        notice(f"... and {len(missing) - MAX_LISTED} more")
     if missing:
         encode = command_for(opts, ["encode"], prompts, negative_prompt, clip_skip, settings.dtype)
         notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: {encode}")

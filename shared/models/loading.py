@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource
 
 TEXT_ONLY = {"unet": None, "vae": None, "scheduler": None}
@@ -22,10 +24,15 @@ def load_partial_pipeline(
     half, while the code that turns embeddings into images stays diffusers' own.
     """
     kwargs: dict[str, Any] = {**skip, "torch_dtype": dtype, **extra}
-    if source.kind == "single_file":
-        return StableDiffusionXLPipeline.from_single_file(
-            source.location, config=str(source.config_dir), local_files_only=True, **kwargs
-        )
-    if source.kind == "hub":
-        return StableDiffusionXLPipeline.from_pretrained(source.location, revision=source.revision, **kwargs)
-    return StableDiffusionXLPipeline.from_pretrained(source.location, **kwargs)
+    try:
+        if source.kind == "single_file":
+            return StableDiffusionXLPipeline.from_single_file(
+                source.location, config=str(source.config_dir), local_files_only=True, **kwargs
+            )
+        if source.kind == "hub":
+            return StableDiffusionXLPipeline.from_pretrained(source.location, revision=source.revision, **kwargs)
+        return StableDiffusionXLPipeline.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as err:
+        # diffusers' messages run to several lines of advice about its own API; the first says what broke.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"cannot load SDXL components from {source.spec}: {first}; is it an SDXL model?") from None
