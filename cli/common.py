@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -43,6 +44,15 @@ def check_device(device: str, flag: str = "--device") -> str:
     elif device not in ("cpu", "mps"):
         raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N")
     return device
+
+
+_ENDPOINT = re.compile(r"^(tcp://(\*|[\w.-]+|\[[0-9a-fA-F:]+\]):\d{1,5}|ipc://.+|inproc://.+)$")
+
+
+def check_endpoint(endpoint: str, flag: str) -> str:
+    if not _ENDPOINT.match(endpoint):
+        raise UserError(f"{flag} {endpoint!r} is not a ZeroMQ endpoint; use tcp://HOST:PORT or ipc:///PATH")
+    return endpoint
 
 
 def cuda_index(device: str) -> int | None:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from sdxl_split.cli.common import (
     DTYPE_CHOICES,
     check_device,
+    check_endpoint,
     cuda_index,
     default_dtype,
     notice,
@@ -115,6 +116,7 @@ def encode(ctx: click.Context, prompts: Path, negative_prompt: str | None, clip_
     device = check_device(encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=default_dtype(device, encoder_dtype), clip_skip=clip_skip,
                           batch_size=batch_size)
+    check_endpoint(bind, "--bind")
     if curve_dir is None and not is_loopback(bind):
         notice(f"warning: {bind} is reachable from other hosts and --curve is off: anyone who can reach it "
                "gets your prompts and can feed back results; see `sdxl-split keys init`")

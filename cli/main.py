@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None, meta: dict | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as err:  # an unusable --cache-dir or --out, a full disk, a permission
+        where = f": {err.filename}" if err.filename else ""
+        click.echo(f"error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
     except Exception as err:  # a bug, not bad input: keep it short unless asked
         if "-vv" in (argv or sys.argv):
             traceback.print_exc()

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from sdxl_split.cli.common import (
     DTYPE_CHOICES,
     check_device,
+    check_endpoint,
     cuda_index,
     default_dtype,
     notice,
@@ -41,6 +42,7 @@ from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, mak
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import embedding_key
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.memory import MemoryMeter, format_memory_line
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint
 from sdxl_split.shared.prompts import parse_prompt_file
@@ -147,8 +149,9 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     Without --prompts, connects to an encoder (`sdxl-split encode`, default endpoint
     tcp://127.0.0.1:5577) and renders its jobs as they arrive; either side may start first.
 
-    With --prompts FILE, renders each prompt's cached embeddings (run `encode FILE` first; the
-    encoding options must match those used there).
+    With --prompts FILE, renders each prompt's cached embeddings (run `encode FILE` first). The
+    encoding options (--negative-prompt, --clip-skip, --encoder-*) only serve to find them, and
+    must match those `encode` used; without --prompts they are ignored.
 
     File names derive from a hash of the embeddings, seed, size, steps, guidance and scheduler,
     so re-running renders only what is missing and no image is written twice.
@@ -215,6 +218,7 @@ def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, 
     from sdxl_split.shared.processes import install_stop_handlers
 
     opts: GlobalOptions = ctx.obj
+    endpoint = check_endpoint(connect or DEFAULT_ENDPOINT, "--connect")
     hooks = ctx.meta.get(CHILD_HOOKS, {})
     source = resolve(opts)
     identity = model_identity(opts, source)
@@ -241,9 +245,9 @@ def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, 
         loaded["renderer"] = renderer
         return render_one
 
-    endpoint = connect or DEFAULT_ENDPOINT
     worker_config = WorkerConfig(endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir,
-                                 device=config.device, out_dir=str(config.out_dir.resolve()), job_delay_s=job_delay)
+                                 device=config.device, out_dir=str(config.out_dir.resolve()), job_delay_s=job_delay,
+                                 settings_id=settings_id(config.pixel_settings(), identity.fingerprint))
     stop = threading.Event()
     install_stop_handlers(stop)
     worker = Worker(worker_config, report=lambda m: tqdm.write(m, file=sys.stderr))

@@ -89,6 +89,8 @@ def run(ctx: click.Context, prompts: Path, denoisers: int, credits: int, max_att
             raise KeyboardInterrupt
         interrupted = True
         click.echo("stopping: children finish in-flight images; Ctrl-C again to abort", err=True)
+        if signum == signal.SIGINT:
+            return  # Ctrl-C already reached every child (one process group); a second signal would abort them
         for child in children:
             if child.process.is_alive() and child.process.pid:
                 os.kill(child.process.pid, signal.SIGTERM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class RenderConfig:
         return {
             "width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
             "scheduler": self.scheduler, "vae": self.vae, "vae_model": self.vae_model, "dtype": self.dtype,
+            # These change the last bits only, but a file name must never stand for two different images.
+            "attention": self.attention, "vae_slicing": self.vae_slicing,
+            "vae_tile_size": self.vae_tile_size if self.vae_tiling else None,
+            "compile": self.compile_mode if self.compile else None,
         }
 
     def as_dict(self) -> dict:
@@ -85,6 +90,8 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError("--vae-model names a tiny autoencoder; add --vae tiny")
     if config.vae_tiling and (config.vae_tile_size < 64 or config.vae_tile_size % 64):
         raise UserError("--vae-tile-size must be a multiple of 64 pixels")
+    if not math.isfinite(config.guidance) or config.guidance < 0:
+        raise UserError(f"--guidance {config.guidance} must be a finite number >= 0 (1 turns guidance off)")
     if config.steps < 1 or config.images_per_prompt < 1:
         raise UserError("--steps and --images-per-prompt must be at least 1")
     if config.scheduler not in SCHEDULERS:

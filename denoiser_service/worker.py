@@ -16,6 +16,7 @@ from pathlib import Path
 import zmq
 
 from sdxl_split.shared import protocol as p
+from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.security import make_curve_client
 
 log = logging.getLogger("sdxl_split.denoiser")
@@ -33,6 +34,8 @@ class WorkerConfig:
     name: str = socket.gethostname()
     device: str = "cpu"
     out_dir: str = ""
+    # Digest of the pixel-deciding render settings (see Ready.settings_id).
+    settings_id: str = ""
     heartbeat_s: float = p.HEARTBEAT_INTERVAL_S
     liveness: int = p.HEARTBEAT_LIVENESS
     # Test hook: seconds to sleep before each job, to make one denoiser slower than another.
@@ -67,9 +70,15 @@ class Worker:
         p.configure_dealer(self.socket)
         if self.config.curve_dir is not None:
             secrets = sorted(self.config.curve_dir.glob("*.key_secret"))
-            secret = secrets[0] if len(secrets) == 1 else self.config.curve_dir / "missing.key_secret"
-            make_curve_client(self.socket, secret, self.config.curve_dir / "server.key")
-        self.socket.connect(self.config.endpoint)
+            if len(secrets) != 1:
+                raise UserError(f"--curve {self.config.curve_dir} must hold exactly one *.key_secret (found "
+                                f"{len(secrets)}); pass this GPU box's denoisers/NAME/ folder from `keys init`")
+            make_curve_client(self.socket, secrets[0], self.config.curve_dir / "server.key")
+        try:
+            self.socket.connect(self.config.endpoint)
+        except zmq.ZMQError as err:
+            raise UserError(f"cannot connect to {self.config.endpoint!r} ({err.strerror}); use tcp://HOST:PORT "
+                            "or ipc://PATH") from None
 
     def _send(self, message: p.Message) -> bool:
         assert self.socket is not None
@@ -81,11 +90,14 @@ class Worker:
 
     def _ready(self) -> p.Ready:
         return p.Ready(credits=self.config.credits, worker=self.config.name[:128], pid=os.getpid(),
-                       device=self.config.device[:64], out_dir=self.config.out_dir)
+                       device=self.config.device[:64], out_dir=self.config.out_dir,
+                       settings_id=self.config.settings_id)
 
     def run(self, load: Callable[[], RenderFn], stop: threading.Event) -> WorkerStats:
         """Serve until the encoder says BYE (or forever with serve=True) or `stop` is set."""
         hb = self.config.heartbeat_s
+        # Connect first: a bad endpoint or key file fails now, not after minutes of loading weights.
+        self._connect()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         # Load on the render thread so heartbeats keep flowing while multi-GB weights load.
         loading: Future = executor.submit(load)
@@ -95,7 +107,6 @@ class Worker:
         current_job: p.Job | None = None
         announced = False
         finishing = False
-        self._connect()
         last_heard = time.monotonic()
         next_beat = 0.0
         try:
@@ -136,7 +147,7 @@ class Worker:
                     # Drain: the job on the GPU finishes and is reported; queued ones go back via BYE.
                     finishing = True
                     pending.clear()
-                if current is None and pending and render is not None:
+                if current is None and pending and render is not None and not finishing:
                     current_job = pending.popleft()
                     current = executor.submit(self._render_one, render, current_job)
                 if finishing and current is None:
@@ -151,7 +162,8 @@ class Worker:
                         last_heard = time.monotonic()
                         self._backoff = 1.0
                         if isinstance(message, p.Job):
-                            pending.append(message)
+                            if not finishing:  # else the encoder re-queues it when our BYE arrives
+                                pending.append(message)
                         elif isinstance(message, (p.Bye, p.Dead)):
                             self._send(p.Bye("acknowledged"))  # the encoder waits for this before closing
                             if self.config.serve:

@@ -99,7 +99,8 @@ def run_encode(
                     for (key, entry), encoded in zip(batch, text_side.encode([e for _, e in batch],
                                                                             settings.clip_skip)):
                         for name, tail in encoded.dropped.items():
-                            warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {tail!r}")
+                            shown = tail if len(tail) <= 120 else tail[:120] + "..."
+                            warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {shown!r}")
                         record = Embeddings(key=key, texts=entry.texts(), settings=settings,
                                             tensors=encoded.tensors, truncated=bool(encoded.dropped))
                         stats.truncated += int(record.truncated)

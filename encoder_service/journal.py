@@ -46,14 +46,15 @@ class Journal:
                 out.append(record)
         return out
 
-    def finished(self) -> dict[tuple[str, str], list[dict]]:
-        """(job, output folder) -> images, for jobs whose `done` record names images that still exist
-        there with the recorded hash. Keyed by folder: rendering into a new --out starts afresh."""
-        done: dict[tuple[str, str], list[dict]] = {}
+    def finished(self) -> dict[tuple[str, str, str], list[dict]]:
+        """(job, output folder, render settings) -> images, for jobs whose `done` record names images that
+        still exist there with the recorded hash. A new --out, or new --steps/--size/..., starts afresh."""
+        done: dict[tuple[str, str, str], list[dict]] = {}
         for record in self.records():
-            out_dir, images = record.get("out_dir"), record.get("images")
-            if record["event"] == "done" and isinstance(out_dir, str) and out_dir and isinstance(images, list):
-                done[(record["job"], out_dir)] = images
+            out_dir, images, settings = record.get("out_dir"), record.get("images"), record.get("settings")
+            if (record["event"] == "done" and isinstance(out_dir, str) and out_dir and isinstance(images, list)
+                    and isinstance(settings, str) and settings):
+                done[(record["job"], out_dir, settings)] = images
         return {key: images for key, images in done.items() if _images_intact(Path(key[1]), images)}
 
 

@@ -53,7 +53,14 @@ def run_streaming_encode(
 ) -> StreamResult:
     """Jobs are dispatched as they appear; the dispatcher skips those whose images the journal shows
     intact in the output folder of the denoiser they would go to."""
-    dispatcher = Dispatcher(link, journal, report=report)
+    def fetch(key: str) -> tuple[Embeddings, bytes]:
+        found = cache.lookup(key)
+        if not found.hit:
+            raise LookupError(found.problem or f"cache entry {key[:12]} is gone")
+        assert found.record is not None and found.data is not None
+        return found.record, found.data
+
+    dispatcher = Dispatcher(link, journal, fetch, report=report)
     on_bound()
     seen: set[str] = set()
 
@@ -62,7 +69,7 @@ def run_streaming_encode(
         if wid in seen:
             return
         seen.add(wid)
-        dispatcher.add(wid, entry, record, data)
+        dispatcher.add(wid, entry, record.key)
         # Hand the job out now, so the GPU starts while later prompts are still being encoded.
         dispatcher.pump(throttle_s)
 
@@ -86,6 +93,7 @@ def run_streaming_encode(
     def load_while_serving() -> ServedTextSide:
         return ServedTextSide(serving(load_text_side))
 
+    crashed: BaseException | None = None
     try:
         stats = run_encode(entries, settings, cache, load_while_serving, sink, meter, batch_size=batch_size,
                            on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
@@ -98,6 +106,8 @@ def run_streaming_encode(
                 idle_since = time.monotonic()
             elif time.monotonic() - max(idle_since, dispatcher.last_peer_seen) > wait_s:
                 break
+        if stop.is_set():
+            drain(dispatcher, report)
         counts = dispatcher.counts()
         abandoned = counts["queued"] + counts["dispatched"]
         for job in dispatcher.jobs.values():
@@ -106,6 +116,27 @@ def run_streaming_encode(
         return StreamResult(encode=stats, jobs=len(seen), already_done=dispatcher.already_done, done=counts["done"],
                             dead_lettered=counts["dead"], abandoned=abandoned,
                             denoisers_attached=dispatcher.ever_attached, interrupted=stop.is_set())
+    except BaseException as err:
+        crashed = err
+        raise
     finally:
         pool.shutdown(wait=True)
-        dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")
+        if crashed is not None and not isinstance(crashed, KeyboardInterrupt):
+            # Denoisers should hear that this run failed, not that it finished.
+            dispatcher.close(f"encoder failed: {type(crashed).__name__}: {crashed}"[:2000], dead=True)
+        else:
+            dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")
+
+
+DRAIN_TIMEOUT_S = 300.0
+
+
+def drain(dispatcher: Dispatcher, report: Callable[[str], None]) -> None:
+    """On Ctrl-C: hand out nothing new, but let images already on a GPU finish and be journaled.
+    A second Ctrl-C raises KeyboardInterrupt out of here."""
+    dispatcher.draining = True
+    if dispatcher.in_flight:
+        report(f"waiting for {dispatcher.in_flight} image batch(es) in flight; Ctrl-C again to stop now")
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while dispatcher.in_flight and dispatcher.workers and time.monotonic() < deadline:
+        dispatcher.pump(0.2)

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdxl_split.shared.prompts import MAX_TEXT_CHARS
+
 SCHEMA = "sdxl-split/embeddings"
 SCHEMA_VERSION = 2
 TENSOR_NAMES = (
@@ -28,7 +30,6 @@ _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
 MAX_SEQ_LEN = 256
 MAX_WIDTH = 8192
 MAX_HEADER_BYTES = 64 * 1024
-MAX_TEXT_CHARS = 16 * 1024
 
 
 class EmbeddingFormatError(ValueError):
@@ -98,8 +99,8 @@ def _header(data: bytes) -> tuple[dict[str, Any], int]:
         raise EmbeddingFormatError(f"safetensors header length {size} is out of bounds")
     try:
         header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise EmbeddingFormatError("safetensors header is not JSON") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise EmbeddingFormatError("safetensors header is not JSON (or nests absurdly deep)") from None
     if not isinstance(header, dict):
         raise EmbeddingFormatError("safetensors header is not an object")
     return header, 8 + size
@@ -156,7 +157,7 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
     try:
         texts = json.loads(meta["texts"])
         settings_raw = json.loads(meta["settings"])
-    except (KeyError, TypeError, json.JSONDecodeError):
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError):
         raise EmbeddingFormatError("metadata texts/settings are missing or not JSON") from None
     if not isinstance(texts, dict) or set(texts) != set(TEXT_FIELDS):
         raise EmbeddingFormatError("metadata texts must name exactly the four prompt fields")

@@ -19,6 +19,11 @@ def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, mode
     return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, "model": model, **pixel_settings})
 
 
+def settings_id(pixel_settings: dict, model: str) -> str:
+    """Everything a denoiser adds to a job to decide its pixels, as one digest."""
+    return _digest({"model": model, **pixel_settings})
+
+
 def image_id(job: str, index: int) -> str:
     return _digest({"job": job, "index": index})
 

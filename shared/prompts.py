@@ -11,6 +11,8 @@ from sdxl_split.shared.errors import UserError
 JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id"}
 _TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 MAX_COUNT = 64
+# Far past CLIP's 77 tokens; the bound keeps one line of a prompt file from becoming megabytes on the wire.
+MAX_TEXT_CHARS = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,20 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
     return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS})
 
 
+def _check_texts(path: Path, entry: PromptEntry) -> None:
+    for name, text in entry.texts().items():
+        if text is None:
+            continue
+        if len(text) > MAX_TEXT_CHARS:
+            raise _fail(path, entry.line, f"{name} is {len(text)} characters; the limit is {MAX_TEXT_CHARS} "
+                        "(CLIP reads only the first 77 tokens anyway)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(path, entry.line, f"{name} holds a lone surrogate escape (like \\ud800); "
+                        "write the character itself") from None
+
+
 def parse_prompt_file(path: Path, default_negative: str | None = None) -> PromptFile:
     """Parse and validate the whole file; raise UserError naming file:line on the first problem."""
     try:
@@ -103,7 +119,9 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
         if not stripped or stripped.startswith("#"):
             skipped += 1
             continue
-        entries.append(_jsonl_entry(path, number, stripped) if jsonl else PromptEntry(line=number, prompt=stripped))
+        entry = _jsonl_entry(path, number, stripped) if jsonl else PromptEntry(line=number, prompt=stripped)
+        _check_texts(path, entry)
+        entries.append(entry)
     if not entries:
         raise UserError(f"{path}: no prompts found; write one prompt per line (lines starting with # are comments)")
     first_use: dict[str, int] = {}

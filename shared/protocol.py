@@ -32,8 +32,8 @@ from typing import Any
 
 import zmq
 
-from sdxl_split.shared.embeddings import MAX_TEXT_CHARS, EmbeddingFormatError, Embeddings, decode_embeddings
-from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
+from sdxl_split.shared.embeddings import EmbeddingFormatError, Embeddings, decode_embeddings
+from sdxl_split.shared.prompts import MAX_COUNT, MAX_TEXT_CHARS, PromptEntry
 
 PROTOCOL_ID = "sdxl-split"
 PROTOCOL_VERSION = 1
@@ -169,6 +169,9 @@ class Ready:
     # Where its images land, as the denoiser sees it; the encoder's journal records it so a re-run on
     # the same host can check finished images by hash without asking anyone.
     out_dir: str = ""
+    # Digest of the settings that decide its pixels (size, steps, model...): with out_dir, tells the
+    # encoder whether images a previous run journaled are the ones this denoiser would make.
+    settings_id: str = ""
 
     TYPE = "READY"
 
@@ -178,14 +181,17 @@ class Ready:
         _int(self.pid, "pid", 0)
         _str(self.device, "device", 1, MAX_DEVICE_CHARS)
         _str(self.out_dir, "out_dir", 0, MAX_PATH_CHARS)
+        if self.settings_id:
+            _hex64(self.settings_id, "settings_id")
 
     def _header(self) -> dict[str, Any]:
         return {"credits": self.credits, "worker": self.worker, "pid": self.pid, "device": self.device,
-                "out_dir": self.out_dir}
+                "out_dir": self.out_dir, "settings_id": self.settings_id}
 
     @classmethod
     def _from_header(cls, h: dict[str, Any]) -> Ready:
-        return cls(credits=h["credits"], worker=h["worker"], pid=h["pid"], device=h["device"], out_dir=h["out_dir"])
+        return cls(credits=h["credits"], worker=h["worker"], pid=h["pid"], device=h["device"], out_dir=h["out_dir"],
+                   settings_id=h["settings_id"])
 
 
 # eq=False: the record holds tensors, whose == is elementwise and has no truth value.
@@ -363,7 +369,7 @@ class Bye:
 Message = Ready | Job | Done | Error | Heartbeat | Dead | Bye
 MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Heartbeat, Dead, Bye)
 _HEADER_FIELDS: dict[str, tuple[str, ...]] = {
-    "READY": ("credits", "worker", "pid", "device", "out_dir"),
+    "READY": ("credits", "worker", "pid", "device", "out_dir", "settings_id"),
     "JOB": ("job_id", "attempt", "embedding_key", "entry"),
     "DONE": ("job_id", "attempt", "images", "seconds"),
     "ERROR": ("job_id", "attempt", "reason"),

@@ -106,7 +106,8 @@ def test_denoiser_never_instantiates_a_text_encoder(cli, cache_dir: Path, tmp_pa
 def _render_pixels(cli, prompts: Path, out: Path, *flags: str) -> np.ndarray:
     result = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), *RENDER, *flags)
     assert result.returncode == 0, result.stderr
-    return np.stack([np.array(Image.open(out / r["file"])) for r in sorted(manifest(out), key=lambda r: r["image_id"])])
+    records = sorted(manifest(out), key=lambda r: (r["prompt"], r["index"]))
+    return np.stack([np.array(Image.open(out / r["file"])) for r in records])
 
 
 def test_classic_attention_and_vae_slicing_match_defaults(cli, tmp_path: Path) -> None:

@@ -291,3 +291,55 @@ def test_run_spawns_both_sides_and_reports_memory_per_process(cache_dir: Path, t
     assert_each_image_once(out, 4)
     again = run_cli("--model", "tiny", "run", str(prompts), "--out", str(out), *RENDER, cache=cache_dir)
     assert again.returncode == 0 and "0 rendered, 4 already done" in again.stdout
+
+
+def test_a_denoiser_that_fails_every_job_does_not_sink_the_queue(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    """Failed jobs go to denoisers that have not failed them, so one broken GPU costs no prompts."""
+    from sdxl_split.shared import protocol as p
+
+    prompts, out = prompts_file(tmp_path, 8), tmp_path / "out"
+    healthy = link.denoiser(out, "--credits", "1")
+    encoder = link.encoder(prompts)
+    ctx = zmq.Context()
+    broken = ctx.socket(zmq.DEALER)
+    broken.setsockopt(zmq.LINGER, 0)
+    broken.connect(link.endpoint)
+    broken.send_multipart(p.encode(p.Ready(credits=4, worker="broken", pid=1, device="cpu")))
+    failed = 0
+    try:
+        while encoder.poll() is None:
+            if broken.poll(200):
+                message = p.decode(broken.recv_multipart())
+                if isinstance(message, p.Job):
+                    broken.send_multipart(p.encode(p.Error(job_id=message.job_id, attempt=message.attempt,
+                                                           reason="broken on purpose")))
+                    failed += 1
+                elif isinstance(message, p.Heartbeat):
+                    broken.send_multipart(p.encode(p.Heartbeat()))
+                elif isinstance(message, p.Bye):
+                    broken.send_multipart(p.encode(p.Bye("ack")))
+    finally:
+        broken.close()
+        ctx.term()
+    summary = encoder_summary(link, encoder)
+    assert healthy.wait(timeout=120) == 0
+    assert failed >= 1, "the broken denoiser must have been given work"
+    assert summary["done"] == 8 and summary["dead_lettered"] == 0
+    assert_each_image_once(out, 8)
+
+
+def test_rerun_with_other_render_settings_renders_anew(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    """The journal skips a job only for a denoiser whose folder *and* settings made the recorded images."""
+    prompts, out = prompts_file(tmp_path, 2), tmp_path / "out"
+    link.denoiser(out, name="first-denoiser")
+    first = encoder_summary(link, link.encoder(prompts, name="first"), name="first")
+    assert first["done"] == 2
+    link.procs[0].wait(timeout=60)
+    link.denoiser(out, name="same")
+    same = encoder_summary(link, link.encoder(prompts, name="again"), name="again")
+    assert same["done"] == 0 and same["already_done"] == 2
+    link.procs[2].wait(timeout=60)
+    link.start("render", "--out", str(out), "--size", "64x64", "--steps", "5", name="other-steps")
+    other = encoder_summary(link, link.encoder(prompts, name="third"), name="third")
+    assert other["done"] == 2 and other["already_done"] == 0
+    assert len(list(out.glob("*.png"))) == 4

@@ -115,3 +115,14 @@ def test_file_without_prompts_is_rejected(tmp_path: Path, data: str) -> None:
 def test_missing_file_and_folder_are_user_errors(tmp_path: Path) -> None:
     assert "no such prompt file" in _rejection(tmp_path / "absent.txt")
     assert "is a folder" in _rejection(tmp_path)
+
+
+def test_overlong_and_unencodable_prompts_are_refused_with_their_line(tmp_path: Path) -> None:
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("ok\n" + "x" * 17000 + "\n")
+    with pytest.raises(UserError, match=r"long.txt:2: prompt is 17000 characters"):
+        parse_prompt_file(long_file)
+    surrogate = tmp_path / "s.jsonl"
+    surrogate.write_text('{"prompt": "a \\ud800 b"}\n')
+    with pytest.raises(UserError, match=r"s.jsonl:1: .*surrogate"):
+        parse_prompt_file(surrogate)

@@ -403,3 +403,17 @@ def test_fuzz_spliced_json_values(frames: list[bytes], data) -> None:
     spliced = [json.dumps(header, ensure_ascii=data.draw(st.booleans())).encode("utf-8", "surrogatepass"),
                *frames[1:]]
     decode_or_refuse(spliced)
+
+
+def test_deeply_nested_safetensors_header_is_a_protocol_error() -> None:
+    """A crafted header that would blow Python's recursion limit must not escape as RecursionError."""
+    from sdxl_split.shared import protocol as p
+
+    body = b"[" * 5000 + b"]" * 5000
+    payload = struct.pack("<Q", len(body)) + body
+    header = json.dumps({"proto": "sdxl-split", "v": 1, "type": "JOB", "job_id": "a" * 64, "attempt": 1,
+                         "embedding_key": "b" * 64, "entry": {"line": 1, "prompt": "x", "prompt_2": None,
+                         "negative_prompt": None, "negative_prompt_2": None, "seed": None, "count": None,
+                         "id": None}}).encode()
+    with pytest.raises(p.ProtocolError):
+        p.decode([header, payload])
