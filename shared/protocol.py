@@ -24,16 +24,25 @@ checked for type and range before anything uses it.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from sdxl_split.shared.embeddings import EmbeddingFormatError, Embeddings, decode_embeddings
-from sdxl_split.shared.prompts import MAX_COUNT, MAX_TEXT_CHARS, PromptEntry
+from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
+from sdxl_split.shared.wire_fields import (
+    ProtocolError,
+    entry_field,
+    entry_json,
+    exact_keys,
+    filename_field,
+    hex64_field,
+    int_field,
+    seconds_field,
+    str_field,
+)
 
 PROTOCOL_ID = "sdxl-split"
 PROTOCOL_VERSION = 1
@@ -50,109 +59,8 @@ MAX_WORKER_CHARS = 128
 MAX_DEVICE_CHARS = 64
 MAX_CREDITS = 64
 MAX_IMAGES = MAX_COUNT
-MAX_FILENAME_CHARS = 255
 MAX_PATH_CHARS = 4096
-_MAX_INT = 2**63 - 1
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ENVELOPE = ("proto", "v", "type")
-
-
-class ProtocolError(ValueError):
-    """Frames that are not a valid message of this protocol; the only error `decode` raises."""
-
-
-# ---- field checks, shared by construction (sender bugs) and decode (hostile or broken peers) ----
-
-
-def _int(value: Any, name: str, low: int, high: int = _MAX_INT) -> int:
-    # bool is an int subclass; True must never pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"{name} must be an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ProtocolError(f"{name} must be from {low} to {high}, got {value}")
-    return value
-
-
-def _str(value: Any, name: str, low: int, high: int) -> str:
-    if not isinstance(value, str):
-        raise ProtocolError(f"{name} must be a string, got {type(value).__name__}")
-    if not low <= len(value) <= high:
-        raise ProtocolError(f"{name} must be {low} to {high} characters, got {len(value)}")
-    try:
-        # JSON can carry lone surrogates; they would make re-encoding (or a file name) fail later.
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ProtocolError(f"{name} is not valid Unicode text") from None
-    return value
-
-
-def _opt_str(value: Any, name: str, high: int = MAX_TEXT_CHARS) -> str | None:
-    return None if value is None else _str(value, name, 0, high)
-
-
-def _opt_int(value: Any, name: str, low: int, high: int) -> int | None:
-    return None if value is None else _int(value, name, low, high)
-
-
-def _hex64(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not _HEX64.fullmatch(value):
-        raise ProtocolError(f"{name} must be 64 lowercase hex digits")
-    return value
-
-
-def _seconds(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ProtocolError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _filename(value: Any, name: str) -> str:
-    value = _str(value, name, 1, MAX_FILENAME_CHARS)
-    # Receivers join this onto their output folder; anything but a plain basename could escape it.
-    if "/" in value or "\\" in value or "\x00" in value or value in (".", ".."):
-        raise ProtocolError(f"{name} must be a plain file name, got {value!r}")
-    if len(value.encode("utf-8")) > MAX_FILENAME_CHARS:
-        raise ProtocolError(f"{name} is longer than {MAX_FILENAME_CHARS} bytes")
-    return value
-
-
-def _exact_keys(obj: dict[str, Any], expected: Sequence[str], what: str) -> None:
-    missing = sorted(set(expected) - set(obj))
-    unknown = sorted(set(obj) - set(expected))
-    if missing:
-        raise ProtocolError(f"{what} is missing field {missing[0]!r}")
-    if unknown:
-        raise ProtocolError(f"{what} has unknown field {unknown[0]!r}")
-
-
-_ENTRY_FIELDS = tuple(f.name for f in fields(PromptEntry))
-
-
-def _entry(value: Any, name: str) -> PromptEntry:
-    if isinstance(value, PromptEntry):
-        value = {f: getattr(value, f) for f in _ENTRY_FIELDS}
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{name} must be an object")
-    _exact_keys(value, _ENTRY_FIELDS, name)
-    prompt = _str(value["prompt"], f"{name}.prompt", 1, MAX_TEXT_CHARS)
-    if not prompt.strip():
-        raise ProtocolError(f"{name}.prompt must not be blank")
-    return PromptEntry(
-        line=_int(value["line"], f"{name}.line", 0),
-        prompt=prompt,
-        prompt_2=_opt_str(value["prompt_2"], f"{name}.prompt_2"),
-        negative_prompt=_opt_str(value["negative_prompt"], f"{name}.negative_prompt"),
-        negative_prompt_2=_opt_str(value["negative_prompt_2"], f"{name}.negative_prompt_2"),
-        seed=_opt_int(value["seed"], f"{name}.seed", 0, _MAX_INT),
-        count=_opt_int(value["count"], f"{name}.count", 1, MAX_COUNT),
-        id=_opt_str(value["id"], f"{name}.id"),
-    )
-
-
-def _entry_json(entry: PromptEntry) -> dict[str, Any]:
-    return {f: getattr(entry, f) for f in _ENTRY_FIELDS}
 
 
 # ---- the closed set of message types ----
@@ -176,13 +84,13 @@ class Ready:
     TYPE = "READY"
 
     def __post_init__(self) -> None:
-        _int(self.credits, "credits", 1, MAX_CREDITS)
-        _str(self.worker, "worker", 1, MAX_WORKER_CHARS)
-        _int(self.pid, "pid", 0)
-        _str(self.device, "device", 1, MAX_DEVICE_CHARS)
-        _str(self.out_dir, "out_dir", 0, MAX_PATH_CHARS)
+        int_field(self.credits, "credits", 1, MAX_CREDITS)
+        str_field(self.worker, "worker", 1, MAX_WORKER_CHARS)
+        int_field(self.pid, "pid", 0)
+        str_field(self.device, "device", 1, MAX_DEVICE_CHARS)
+        str_field(self.out_dir, "out_dir", 0, MAX_PATH_CHARS)
         if self.settings_id:
-            _hex64(self.settings_id, "settings_id")
+            hex64_field(self.settings_id, "settings_id")
 
     def _header(self) -> dict[str, Any]:
         return {"credits": self.credits, "worker": self.worker, "pid": self.pid, "device": self.device,
@@ -209,14 +117,14 @@ class Job:
     TYPE = "JOB"
 
     def __post_init__(self) -> None:
-        _hex64(self.job_id, "job_id")
-        _int(self.attempt, "attempt", 1)
+        hex64_field(self.job_id, "job_id")
+        int_field(self.attempt, "attempt", 1)
         if not isinstance(self.entry, PromptEntry):
             raise ProtocolError("entry must be a PromptEntry")
-        _entry(self.entry, "entry")
+        entry_field(self.entry, "entry")
         if not isinstance(self.record, Embeddings):
             raise ProtocolError("record must be an Embeddings record")
-        _hex64(self.record.key, "embedding_key")
+        hex64_field(self.record.key, "embedding_key")
         if not isinstance(self.payload, bytes):
             raise ProtocolError("payload must be bytes")
         # A job whose prompt texts differ from its embeddings would render one prompt and label it another.
@@ -233,7 +141,7 @@ class Job:
 
     def _header(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
-                "entry": _entry_json(self.entry)}
+                "entry": entry_json(self.entry)}
 
 
 @dataclass(frozen=True)
@@ -244,8 +152,8 @@ class ImageDone:
     sha256: str
 
     def __post_init__(self) -> None:
-        _filename(self.file, "file")
-        _hex64(self.sha256, "sha256")
+        filename_field(self.file, "file")
+        hex64_field(self.sha256, "sha256")
 
 
 @dataclass(frozen=True)
@@ -260,8 +168,8 @@ class Done:
     TYPE = "DONE"
 
     def __post_init__(self) -> None:
-        _hex64(self.job_id, "job_id")
-        _int(self.attempt, "attempt", 1)
+        hex64_field(self.job_id, "job_id")
+        int_field(self.attempt, "attempt", 1)
         if not isinstance(self.images, tuple) or not all(isinstance(i, ImageDone) for i in self.images):
             raise ProtocolError("images must be a tuple of ImageDone")
         if len(self.images) > MAX_IMAGES:
@@ -269,7 +177,7 @@ class Done:
         if len({i.file for i in self.images}) != len(self.images):
             raise ProtocolError("images name the same file more than once")
         # JSON may carry a whole number of seconds as an int; keep the field a float either way.
-        object.__setattr__(self, "seconds", _seconds(self.seconds, "seconds"))
+        object.__setattr__(self, "seconds", seconds_field(self.seconds, "seconds"))
 
     def _header(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "attempt": self.attempt, "seconds": self.seconds,
@@ -286,7 +194,7 @@ class Done:
         for n, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise ProtocolError(f"images[{n}] must be an object")
-            _exact_keys(item, ("file", "sha256"), f"images[{n}]")
+            exact_keys(item, ("file", "sha256"), f"images[{n}]")
             images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
         return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
 
@@ -302,9 +210,9 @@ class Error:
     TYPE = "ERROR"
 
     def __post_init__(self) -> None:
-        _hex64(self.job_id, "job_id")
-        _int(self.attempt, "attempt", 1)
-        _str(self.reason, "reason", 1, MAX_REASON_CHARS)
+        hex64_field(self.job_id, "job_id")
+        int_field(self.attempt, "attempt", 1)
+        str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
 
     def _header(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "attempt": self.attempt, "reason": self.reason}
@@ -337,7 +245,7 @@ class Dead:
     TYPE = "DEAD"
 
     def __post_init__(self) -> None:
-        _str(self.reason, "reason", 1, MAX_REASON_CHARS)
+        str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
 
     def _header(self) -> dict[str, Any]:
         return {"reason": self.reason}
@@ -356,7 +264,7 @@ class Bye:
     TYPE = "BYE"
 
     def __post_init__(self) -> None:
-        _str(self.reason, "reason", 0, MAX_REASON_CHARS)
+        str_field(self.reason, "reason", 0, MAX_REASON_CHARS)
 
     def _header(self) -> dict[str, Any]:
         return {"reason": self.reason}
@@ -427,10 +335,10 @@ def _parse_header(frame: bytes) -> dict[str, Any]:
 
 
 def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) -> Job:
-    job_id = _hex64(header["job_id"], "job_id")
-    attempt = _int(header["attempt"], "attempt", 1)
-    key = _hex64(header["embedding_key"], "embedding_key")
-    entry = _entry(header["entry"], "entry")
+    job_id = hex64_field(header["job_id"], "job_id")
+    attempt = int_field(header["attempt"], "attempt", 1)
+    key = hex64_field(header["embedding_key"], "embedding_key")
+    entry = entry_field(header["entry"], "entry")
     if len(payload) > max_payload_bytes:
         raise ProtocolError(f"JOB payload is {len(payload)} bytes; the limit is {max_payload_bytes}")
     payload = bytes(payload)
@@ -480,7 +388,7 @@ def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
     kind = header.get("type")
     if not isinstance(kind, str) or kind not in _HEADER_FIELDS:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-    _exact_keys(header, _ENVELOPE + _HEADER_FIELDS[kind], f"{kind} header")
+    exact_keys(header, _ENVELOPE + _HEADER_FIELDS[kind], f"{kind} header")
     if kind == "JOB":
         if len(frames) != 2:
             raise ProtocolError(f"JOB must be 2 frames (header, payload), got {len(frames)}")
