@@ -9,7 +9,7 @@ prepends the peer's identity frame; strip it and pass the rest to `decode`.
 
 The flow (credit-based load balancing, Paranoid Pirate heartbeats):
 
-    denoiser -> encoder   READY{credits}        announce capacity; sent once after connecting
+    denoiser -> encoder   READY{credits, ...}   announce capacity (and out_dir, settings_id); once per connection
     encoder  -> denoiser  JOB{job_id, ...}      only against a credit
     denoiser -> encoder   DONE{job_id, images}  returns one credit
     denoiser -> encoder   ERROR{job_id, reason} a per-job failure; also returns one credit
