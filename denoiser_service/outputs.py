@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -71,18 +72,18 @@ class OutputDir:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.manifest = root / MANIFEST
-        self._recorded = self._read_manifest_ids()
+        self._recorded: set[str] = set()
+        self._read_upto = 0
 
-    def _read_manifest_ids(self) -> set[str]:
-        if not self.manifest.is_file():
-            return set()
-        ids = set()
-        for line in self.manifest.read_text("utf-8", errors="replace").splitlines():
+    def _catch_up(self, handle) -> None:
+        """Learn the ids other processes appended since we last looked (several denoisers may share a folder)."""
+        handle.seek(self._read_upto)
+        for line in handle.read().decode("utf-8", errors="replace").splitlines():
             try:
-                ids.add(json.loads(line)["image_id"])
+                self._recorded.add(json.loads(line)["image_id"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn last line from a crash; the image is re-recorded below
-        return ids
+                continue  # a torn last line from a crash; that image is recorded again
+        self._read_upto = handle.tell()
 
     def exists(self, filename: str) -> bool:
         return (self.root / filename).is_file()
@@ -104,14 +105,23 @@ class OutputDir:
         return WrittenImage(path=self.root / filename, sha256=digest, existed=False)
 
     def record(self, filename: str, digest: str, meta: ImageMeta) -> None:
-        if meta.image_id in self._recorded:
-            return
-        append_line(self.manifest, json.dumps({
+        """List the image in manifest.jsonl once, even with several processes writing into this folder."""
+        line = json.dumps({
             "image_id": meta.image_id, "job_id": meta.job_id, "file": filename, "sha256": digest,
             "index": meta.index, "seed": meta.seed, "prompt": meta.prompt, "negative_prompt": meta.negative_prompt,
             "embedding_key": meta.embedding_key, "time": time.time(),
-        }, sort_keys=True, ensure_ascii=False))
-        self._recorded.add(meta.image_id)
+        }, sort_keys=True, ensure_ascii=False)
+        with self.manifest.open("a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # check-then-append must not interleave with another writer
+            try:
+                self._catch_up(handle)
+                if meta.image_id in self._recorded:
+                    return
+                append_line(self.manifest, line)
+                self._recorded.add(meta.image_id)
+                self._read_upto = self.manifest.stat().st_size
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_png_metadata(path: Path) -> tuple[str, dict]:
