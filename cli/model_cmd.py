@@ -32,17 +32,15 @@ def init(opts: GlobalOptions, kind: str, directory: Path, seed: int) -> None:
 
     Both use the real CLIP BPE tokenizers. Images from random weights are noise.
     """
-    import torch
-
     from sdxl_split.shared.models.builder import build_model
 
     quiet_libraries(opts.verbosity)
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} is not empty; pick a new directory or remove it first")
-    dtype = torch.float32 if kind == "tiny" else torch.float16
-    click.echo(f"building '{kind}' (random weights, seed {seed}, {str(dtype)[6:]}) into {directory}", err=True)
+    arch = ARCHITECTURES[kind]
+    click.echo(f"building '{kind}' (random weights, seed {seed}, {arch.weights_dtype}) into {directory}", err=True)
     report = build_model(
-        ARCHITECTURES[kind], directory, dtype=dtype, seed=seed,
+        arch, directory, seed=seed,
         on_component=lambda name, n: click.echo(f"  {name:<15} {n / 1e6:>10.1f} M parameters", err=True),
     )
     total = sum(report.parameters.values())

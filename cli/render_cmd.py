@@ -223,11 +223,10 @@ def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, 
     source = resolve(opts)
     identity = model_identity(opts, source)
     meter = MemoryMeter(cuda_device=cuda_index(config.device))
-    out = OutputDir(config.out_dir)
-    loaded: dict[str, Renderer] = {}
+    # The renderer loads the UNet on first use; load() below is that first use, run on the render thread.
+    renderer = Renderer(denoiser_loader(source, config, meter), OutputDir(config.out_dir))
 
     def load():
-        renderer = Renderer(denoiser_loader(source, config, meter), out)
         renderer.denoiser  # readiness means the model is loaded, not merely that we connected  # noqa: B018
         hooks.get("ready", lambda: None)()
         notice(f"denoiser ready; taking jobs from {endpoint}")
@@ -242,7 +241,6 @@ def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, 
             return p.Done(job_id=job.job_id, attempt=job.attempt, seconds=time.perf_counter() - started,
                           images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
 
-        loaded["renderer"] = renderer
         return render_one
 
     worker_config = WorkerConfig(endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir,
@@ -257,18 +255,15 @@ def serve_stream(ctx: click.Context, config: RenderConfig, connect: str | None, 
         raise
     except Exception as err:
         raise UserError(f"denoiser failed: {type(err).__name__}: {err}") from None
-    renderer = loaded.get("renderer")
-    render_stats = renderer.stats if renderer else None
+    render_stats = renderer.stats
     memory = meter.summary()
     meter.close()
-    summary = {"stats": {**vars(stats), **(vars(render_stats) if render_stats else {}),
-                         "seconds_per_image": render_stats.seconds_per_image if render_stats else 0.0},
+    summary = {"stats": {**vars(stats), **vars(render_stats), "seconds_per_image": render_stats.seconds_per_image},
                "memory": memory, "config": config.as_dict(), "model": source.description}
     hooks.get("result", lambda payload: None)(summary)
     if as_json:
         print_json(summary)
     else:
-        images = render_stats.images if render_stats else 0
-        click.echo(f"{stats.jobs_done} jobs done, {stats.jobs_failed} failed, {images} images written -> "
+        click.echo(f"{stats.jobs_done} jobs done, {stats.jobs_failed} failed, {render_stats.images} images written -> "
                    f"{config.out_dir}")
         click.echo(f"denoiser memory: {format_memory_line(memory)}")

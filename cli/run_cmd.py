@@ -129,6 +129,10 @@ def run(ctx: click.Context, prompts: Path, denoisers: int, credits: int, max_att
         sys.exit(EXIT_SOME_FAILED)
 
 
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _print_side_by_side(children: list[Child]) -> None:
     rows = [("process", "pid", "peak RSS GiB", "CUDA alloc GiB", "CUDA reserved GiB", "NVML GiB", "phases (RSS GiB)")]
     for child in children:
@@ -136,13 +140,9 @@ def _print_side_by_side(children: list[Child]) -> None:
         if not memory:
             rows.append((child.name, str(child.process.pid), "-", "-", "-", "-", "no report"))
             continue
-
-        def gib(value) -> str:
-            return "-" if value is None else f"{value:.2f}"
-
         phases = " ".join(f"{p['phase']}={p['peak_rss_gib']:.2f}" for p in memory["phases"])
-        rows.append((child.name, str(memory["pid"]), gib(memory["peak_rss_gib"]), gib(memory["cuda_allocated_gib"]),
-                     gib(memory["cuda_reserved_gib"]), gib(memory["nvml_gib"]), phases))
+        rows.append((child.name, str(memory["pid"]), _gib(memory["peak_rss_gib"]), _gib(memory["cuda_allocated_gib"]),
+                     _gib(memory["cuda_reserved_gib"]), _gib(memory["nvml_gib"]), phases))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     click.echo("memory per process (GiB = 1024^3 bytes; each process measured itself):")
     for row in rows:

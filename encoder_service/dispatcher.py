@@ -84,7 +84,6 @@ class Dispatcher:
         self.ever_attached = False
         self.draining = False  # stopping: hand out nothing new, wait for what is out
         self._next_beat = 0.0
-        self.dropped_messages = 0
         self.last_peer_seen = 0.0
 
     # ---- jobs ----
@@ -200,7 +199,6 @@ class Dispatcher:
         try:
             message = p.decode(body)
         except p.ProtocolError as err:
-            self.dropped_messages += 1
             self.report(f"dropped a bad message from a peer: {err}")
             return
         self.last_peer_seen = time.monotonic()
@@ -230,7 +228,6 @@ class Dispatcher:
         elif isinstance(message, p.Bye):
             self._lose(worker, f"denoiser {worker.name} left", quiet=True)
         elif isinstance(message, p.Job):
-            self.dropped_messages += 1
             self.report(f"dropped a JOB sent by denoiser {worker.name}; only the encoder sends jobs")
 
     def _owned(self, worker: _Worker, work_id: str, attempt: int) -> _Job | None:

@@ -12,13 +12,6 @@ from sdxl_split.shared.atomic import append_line
 EVENTS = ("encoded", "queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
 
 
-def work_id(embedding_key: str, seed: int | None, count: int | None) -> str:
-    """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
-    name files, so this id only covers what the prompt file decides."""
-    payload = json.dumps({"embedding_key": embedding_key, "seed": seed, "count": count}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 def journal_path(cache_dir: Path, prompts: Path, settings_key: str) -> Path:
     """One journal per (prompt file, encoding settings), so re-running the same command finds it."""
     run = hashlib.sha256(f"{prompts.resolve()}\0{settings_key}".encode()).hexdigest()[:16]

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
 from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
-from sdxl_split.encoder_service.journal import Journal, work_id
+from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +58,3 @@ class EmbeddingCache:
     def files(self) -> Iterator[Path]:
         if self.root.is_dir():
             yield from sorted(self.root.glob(f"??/*{SUFFIX}"))
-
-    def remove_older_than(self, seconds: float) -> list[Path]:
-        cutoff = time.time() - seconds
-        removed = []
-        for path in self.files():
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed.append(path)
-        return removed

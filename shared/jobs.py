@@ -13,6 +13,12 @@ def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def work_id(embedding_key: str, seed: int | None, count: int | None) -> str:
+    """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
+    name files, so this id only covers what the prompt file decides."""
+    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count})
+
+
 def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str) -> str:
     """One job is one prompt's batch of `count` images; the batch size is part of it because batched
     matmuls may differ in the last bit from unbatched ones."""

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 import psutil
 
 GIB = 1024**3
-PHASES = ("load", "encode", "denoise", "decode")
 
 
 @dataclass(frozen=True)

@@ -190,10 +190,12 @@ class Architecture:
     text_encoder_2: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SDXL_SCHEDULER))
     random_weights: bool = True
+    # torch dtype name of the weights on disk: fp32 for CPU tests, fp16 like the hub's fp16 variant.
+    weights_dtype: str = "float32"
 
 
 TINY = Architecture("tiny", TINY_UNET, TINY_VAE, TINY_TAESD, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2)
 SDXL_BASE = Architecture(
-    "sdxl-random", SDXL_UNET, SDXL_VAE, SDXL_TAESD, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2
+    "sdxl-random", SDXL_UNET, SDXL_VAE, SDXL_TAESD, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, weights_dtype="float16"
 )
 ARCHITECTURES = {arch.name: arch for arch in (TINY, SDXL_BASE)}

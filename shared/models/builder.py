@@ -79,12 +79,13 @@ def _components(arch: Architecture, dtype: torch.dtype, seed: int):
 def build_model(
     arch: Architecture,
     directory: Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
     on_component: Callable[[str, int], None] | None = None,
 ) -> BuildReport:
     """Build into a temp folder beside `directory`, then rename, so an interrupted build leaves nothing."""
     started = time.perf_counter()
+    dtype = dtype or getattr(torch, arch.weights_dtype)
     directory = directory.resolve()
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(directory)

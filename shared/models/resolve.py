@@ -38,7 +38,6 @@ class ModelSource:
     # checkpoints) SDXL base's configs and tokenizers.
     config_dir: Path | None = None
     random_weights: bool = False
-    architecture: str | None = None
 
     @property
     def description(self) -> str:
@@ -73,7 +72,6 @@ def _folder_source(spec: str, folder: Path) -> ModelSource:
         location=str(folder.resolve()),
         config_dir=folder.resolve(),
         random_weights=bool(marker.get("random_weights", False)),
-        architecture=marker.get("architecture"),
     )
 
 
@@ -84,19 +82,12 @@ def _ensure_builtin(name: str, cache_dir: Path, announce: Callable[[str], None])
         from sdxl_split.shared.models.builder import build_model  # diffusers: only when building
 
         try:
-            build_model(ARCHITECTURES[name], folder, dtype=_builtin_dtype(name))
+            build_model(ARCHITECTURES[name], folder)
         except FileExistsError:
             # Another process finished the same build first; its folder is complete once renamed.
             if not (folder / MARKER_FILE).is_file():
                 raise UserError(f"{folder} exists but is not a complete model; remove it and retry") from None
     return folder
-
-
-def _builtin_dtype(name: str):
-    import torch
-
-    # The tiny model is for CPU tests in fp32; the full-size one matches the hub's fp16 variant on disk.
-    return torch.float32 if name == "tiny" else torch.float16
 
 
 def _single_file_source(spec: str, path: Path, cache_dir: Path) -> ModelSource:
