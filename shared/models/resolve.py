@@ -107,7 +107,11 @@ def _hub_source(spec: str, revision: str | None) -> ModelSource:
     try:
         snapshot = snapshot_download(spec, revision=revision, allow_patterns=["model_index.json"])
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, LocalEntryNotFoundError):
+            # huggingface_hub's own text runs to a paragraph; this is what it means.
+            reason = "not in the local hub cache, and the hub is unreachable or HF_HUB_OFFLINE is set"
+        else:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelNotFoundError(
             f"cannot fetch model '{spec}' from the Hugging Face hub ({reason[:160]}); "
             "use --model tiny to try sdxl-split offline, or --model PATH for a local diffusers folder "
