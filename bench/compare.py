@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdxl_split.bench.results import memory_gib
+from sdxl_split.bench.results import memory_gib, workload_ms
 from sdxl_split.bench.rows import SPLIT_DENOISER_ROW
 from sdxl_split.bench.seed_table import SEED_BY_TECHNIQUE
 
@@ -49,15 +49,16 @@ def split_vs_monolith(results: list[dict], metric: str) -> dict | None:
     }
 
 
-def seed_comparison(results: list[dict], metric: str) -> list[dict]:
-    """Ours beside the seed's figure for each row that has one, with ours/seed ratios."""
+def seed_comparison(results: list[dict], metric: str, base_steps: int) -> list[dict]:
+    """Ours beside the seed's figure for each row that has one, with ours/seed ratios (a row shortened to fewer
+    steps compares by its full-step estimate)."""
     rows = []
     for result in results:
         figure = SEED_BY_TECHNIQUE.get(result.get("seed_technique") or "")
         if figure is None:
             continue
         ours_mem = memory_gib(result, metric) if result["status"] == "ok" else None
-        ours_ms = result["median_ms"] if result["status"] == "ok" else None
+        ours_ms = workload_ms(result, base_steps)
         rows.append({
             "row": result["row"],
             "seed_technique": figure.technique,

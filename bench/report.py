@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from sdxl_split.bench.results import memory_gib, metric_label
+from sdxl_split.bench.results import memory_gib, metric_label, workload_ms
 from sdxl_split.bench.seed_table import SEED_GPU, SEED_NOTE, SEED_WORKLOAD
 
 DASH = "—"
@@ -59,19 +59,25 @@ def _header(payload: dict) -> list[str]:
     return lines
 
 
-def _note(result: dict) -> str:
+def _note(result: dict, base_steps: int, repeats: int) -> str:
     if result["status"] == "skipped":
         text = f"skipped: {result['error']}"
     elif result["status"] == "failed":
         text = f"FAILED: {result['error']}"
     else:
-        text = result["note"] or ""
+        parts = [result["note"] or ""]
         if result["side"] == "encoder":
-            text = "; ".join(filter(None, [text, "latency = encoding every prompt once"]))
+            parts.append("latency = encoding every prompt once")
+        if len(result["latencies_ms"]) != repeats:
+            parts.append(_count(len(result["latencies_ms"]), "timed repeat"))
+        full = workload_ms(result, base_steps)
+        if full is not None and full != result["median_ms"]:
+            parts.append(f"{base_steps}-step latency from the per-step figure: {full:,.1f} ms")
+        text = "; ".join(filter(None, parts))
     return _cell(text)
 
 
-def _row_line(result: dict) -> str:
+def _row_line(result: dict, base_steps: int, repeats: int) -> str:
     ok = result["status"] == "ok"
     memory = result.get("memory") or {}
     technique = _cell(f"`{result['row']}` {result['technique']}")
@@ -83,8 +89,9 @@ def _row_line(result: dict) -> str:
         memory.get("peak_rss_gib") if ok else None,
     ]
     cells = [_num(values[0]), _num(values[1], 1), _num(values[2]), _num(values[3]), _num(values[4]),
-             _num(result["s_per_image"] if ok else None, 3)]
-    return f"| {technique} | " + " | ".join(cells) + f" | {_note(result)} |"
+             _num(result["s_per_image"] if ok else None, 3),
+             _num(result.get("denoise_ms_per_step") if ok else None, 1)]
+    return f"| {technique} | " + " | ".join(cells) + f" | {_note(result, base_steps, repeats)} |"
 
 
 def split_lines(split: dict | None) -> list[str]:
@@ -133,10 +140,12 @@ def _seed_section(payload: dict) -> list[str]:
 def markdown(payload: dict) -> str:
     lines = _header(payload) + [
         "",
-        "| technique | memory (GiB) | latency (ms) | reserved (GiB) | NVML (GiB) | peak RSS (GiB) | s/image | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| technique | memory (GiB) | latency (ms) | reserved (GiB) | NVML (GiB) | peak RSS (GiB) | s/image "
+        "| denoise ms/step | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    lines += [_row_line(result) for result in payload["rows"]]
+    base_steps = payload["bench"]["base"]["steps"]
+    lines += [_row_line(result, base_steps, payload["bench"]["repeats"]) for result in payload["rows"]]
     split = split_lines(payload.get("split_vs_monolith"))
     if split:
         lines += [""] + [f"{line}  " for line in split[:-1]] + split[-1:]  # two spaces: markdown line break

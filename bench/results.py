@@ -7,7 +7,7 @@ from sdxl_split.bench.rows import PlannedRow
 RESULT_FIELDS = (
     "row", "technique", "side", "status", "note", "seed_technique", "settings", "pid", "parent_pid", "exit_code",
     "error", "warmup_ms", "latencies_ms", "cpu_ms", "median_ms", "min_ms", "max_ms", "s_per_image", "images_per_repeat",
-    "memory", "components", "load_avg_1m", "process_s", "log_tail",
+    "memory", "components", "load_avg_1m", "process_s", "log_tail", "phase_ms", "denoise_ms_per_step", "decode_ms",
 )
 STATUSES = ("ok", "failed", "skipped")
 
@@ -17,7 +17,7 @@ def blank_result(planned: PlannedRow, settings: dict | None) -> dict:
     record = dict.fromkeys(RESULT_FIELDS)
     record.update(row=planned.row.id, technique=planned.row.technique, side=planned.row.side, note=planned.note,
                   seed_technique=planned.row.seed_technique, settings=settings, latencies_ms=[], cpu_ms=[],
-                  components=[], log_tail=[])
+                  components=[], log_tail=[], phase_ms={})
     return record
 
 
@@ -43,3 +43,15 @@ def memory_gib(result: dict, metric: str, after_load: bool = False) -> float | N
 
 def metric_label(metric: str) -> str:
     return "GPU allocated" if metric == "cuda_allocated_gib" else "peak RSS"
+
+
+def workload_ms(result: dict, base_steps: int) -> float | None:
+    """The row's median latency for the run's full step count: measured, or, for a row shortened to fit a time
+    budget, measured plus its per-step denoise time for each step it skipped."""
+    if result["status"] != "ok" or result["median_ms"] is None:
+        return None
+    steps = (result.get("settings") or {}).get("steps")
+    if steps is None or steps == base_steps:
+        return result["median_ms"]
+    per_step = result.get("denoise_ms_per_step")
+    return None if per_step is None else result["median_ms"] + per_step * (base_steps - steps)

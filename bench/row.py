@@ -34,7 +34,7 @@ def _one_line(err: BaseException) -> str:
 def run(job: RowJob) -> dict:
     """Load, warm up and time the row; return its result record (memory from this process alone)."""
     from sdxl_split.bench.sides import RUNNERS
-    from sdxl_split.bench.timing import latency_stats
+    from sdxl_split.bench.timing import latency_stats, phase_figures
     from sdxl_split.shared.memory import MemoryMeter
     from sdxl_split.shared.quiet import quiet_libraries
 
@@ -68,6 +68,8 @@ def run(job: RowJob) -> dict:
         latencies_ms=measured.latencies_ms,
         cpu_ms=measured.cpu_ms,
         images_per_repeat=measured.images_per_repeat,
+        phase_ms=measured.phase_ms,
+        **phase_figures(measured.phase_ms, (job.render or {}).get("steps")),
         components=measured.components,
         memory=meter.summary(),
         **latency_stats(measured.latencies_ms, measured.images_per_repeat),

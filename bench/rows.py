@@ -11,6 +11,9 @@ from sdxl_split.shared.errors import UserError
 Side = Literal["denoiser", "encoder", "monolith"]
 # The seed's "default": fp16 weights with PyTorch's scaled_dot_product_attention.
 BASELINE = {"dtype": "fp16", "attention": "sdpa"}
+# PyTorch's "Diffusion, Fast" recipe (bf16, SDPA, fused QKV, channels_last, then compile), minus int8 quantization.
+FAST = {"dtype": "bf16", "attention": "sdpa", "channels_last": True, "fuse_qkv": True}
+FAST_COMPILED = {**FAST, "compile": True, "compile_vae": True}
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,10 @@ ROWS: tuple[Row, ...] = (
         "default + model CPU offload"),
     Row("sequential-offload", "baseline + sequential CPU offload", "denoiser", {**BASELINE, "offload": "sequential"},
         "default + sequential CPU offload"),
-    Row("group-offload", "baseline + group offload (blocks, overlapped)", "denoiser", {**BASELINE, "offload": "group"}),
+    Row("group-offload", "baseline + group offload (leaf level, streamed)", "denoiser",
+        {**BASELINE, "offload": "group"}),
+    Row("group-offload-tiny", "baseline + group offload + tiny VAE + slicing", "denoiser",
+        {**BASELINE, "offload": "group", "vae": "tiny", "vae_slicing": True}),
     Row("vae-slicing", "baseline + VAE slicing", "denoiser", {**BASELINE, "vae_slicing": True},
         "default + VAE slicing"),
     Row("vae-slicing-sequential", "baseline + VAE slicing + sequential CPU offload", "denoiser",
@@ -47,6 +53,12 @@ ROWS: tuple[Row, ...] = (
         "default + Tiny Autoencoder"),
     Row("tiny-vae-slicing", "baseline + tiny VAE + slicing", "denoiser",
         {**BASELINE, "vae": "tiny", "vae_slicing": True}),
+    Row("bf16-sdpa", "bf16 + SDPA", "denoiser", {"dtype": "bf16", "attention": "sdpa"}),
+    Row("fast", "bf16 + SDPA + fused QKV + channels_last", "denoiser", FAST),
+    Row("fast-compile", "fast + torch.compile UNet and VAE decoder", "denoiser", FAST_COMPILED),
+    Row("fast-compile-tiny", "fast + torch.compile + tiny VAE", "denoiser", {**FAST_COMPILED, "vae": "tiny"}),
+    Row("fast-autotune", "fast + torch.compile max-autotune (Diffusion, Fast minus int8)", "denoiser",
+        {**FAST_COMPILED, "compile_mode": "max-autotune"}),
     Row("encoder", "encoder process: tokenizers + 2 CLIP text encoders", "encoder"),
     Row("monolith", "monolith: text encoders + UNet + VAE in one process, fp16 + SDPA", "monolith", BASELINE,
         "fp16 + SDPA (default)"),
@@ -68,28 +80,51 @@ class PlannedRow:
 
 
 def select_rows(text: str) -> tuple[Row, ...]:
-    """--rows: 'all' or a comma list of row ids, kept in the catalogue's order."""
+    """--rows: 'all' (the catalogue's order) or a comma list of row ids, run in the order given, so that under
+    a --budget the rows that matter most run first."""
     if text.strip() in ("", "all"):
         return ROWS
-    wanted = [part.strip() for part in text.split(",") if part.strip()]
+    wanted = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [name for name in wanted if name not in ROW_BY_ID]
     if unknown:
         raise UserError(f"unknown row {unknown[0]!r} in --rows; rows are: {', '.join(ROW_BY_ID)}")
-    return tuple(row for row in ROWS if row.id in wanted)
+    return tuple(ROW_BY_ID[name] for name in wanted)
 
 
-def plan_row(row: Row, base: RenderConfig, cuda_available: bool) -> PlannedRow:
+def parse_row_values(pairs: tuple[str, ...], flag: str) -> dict[str, int]:
+    """--row-steps / --row-repeats: ROW=N pairs naming known rows, N >= 1."""
+    values: dict[str, int] = {}
+    for pair in pairs:
+        name, _, number = pair.partition("=")
+        name = name.strip()
+        if name not in ROW_BY_ID:
+            raise UserError(f"{flag} {pair!r}: unknown row {name!r}; rows are: {', '.join(ROW_BY_ID)}")
+        try:
+            values[name] = int(number)
+        except ValueError:
+            raise UserError(f"{flag} {pair!r} must look like ROW=N, e.g. {name}=5") from None
+        if values[name] < 1:
+            raise UserError(f"{flag} {pair!r}: N must be at least 1")
+    return values
+
+
+def plan_row(row: Row, base: RenderConfig, cuda_available: bool, steps: int | None = None) -> PlannedRow:
     """Apply the row's settings to `base`. The rows stay fixed; what this device cannot run is skipped, with
     validate()'s own reason, and half precision on the CPU runs in fp32 (it is ~18x slower there, so its
-    timings would only measure the CPU's lack of fp16 kernels)."""
+    timings would only measure the CPU's lack of fp16 kernels). `steps` shortens a row that would not fit a
+    time budget; its per-step figures still compare."""
     if row.side == "encoder":
         return PlannedRow(row, None)
     overrides = dict(row.overrides)
-    note = ""
+    notes = []
     asked = overrides.get("dtype", base.dtype)
     if base.device == "cpu" and asked != "fp32":
-        note = f"fp32 on cpu (row is {asked})"
+        notes.append(f"fp32 on cpu (row is {asked})")
         overrides["dtype"] = "fp32"
+    if steps is not None and steps != base.steps:
+        notes.append(f"{steps} of {base.steps} steps, to fit the time budget")
+        overrides["steps"] = steps
+    note = "; ".join(notes)
     config = replace(base, **overrides)
     try:
         validate(config, cuda_available)

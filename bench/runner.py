@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdxl_split.bench.job import RowJob, source_dict
@@ -19,6 +20,8 @@ from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.settings import GlobalOptions
 
 _RUN_ORDER = {"encoder": 0, "denoiser": 1, "monolith": 2}
+# Under this many seconds of --budget left, a row is not started: loading alone takes longer at full size.
+MIN_ROW_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,17 @@ class BenchSettings:
     repeats: int
     row_timeout_s: float
     crash_row: str | None = None
+    # Rows shortened (fewer steps) or repeated less, to fit a time budget; by row id.
+    row_steps: dict[str, int] = field(default_factory=dict)
+    row_repeats: dict[str, int] = field(default_factory=dict)
+    # Wall seconds for the whole run: a row that cannot start in time is skipped, a running one is cut off.
+    budget_s: float | None = None
 
     def as_dict(self) -> dict:
         return {"rows": [row.id for row in self.rows], "base": self.base.as_dict(),
                 "encoder_device": self.encoder_device, "prompts": list(self.prompts), "repeats": self.repeats,
-                "row_timeout_s": self.row_timeout_s}
+                "row_timeout_s": self.row_timeout_s, "row_steps": dict(self.row_steps),
+                "row_repeats": dict(self.row_repeats), "budget_s": self.budget_s}
 
 
 def _missing_embeddings(opts: GlobalOptions, prompts: tuple[str, ...], encoding: EncodingSettings) -> bool:
@@ -49,7 +58,7 @@ def plan(bench: BenchSettings, opts: GlobalOptions, encoding: EncodingSettings, 
          ) -> list[PlannedRow]:
     """The rows to run, in run order. Denoiser rows read embeddings from the cache, so when it lacks them the
     encoder row runs too, even if not selected."""
-    planned = [plan_row(row, bench.base, cuda_available) for row in bench.rows]
+    planned = [plan_row(row, bench.base, cuda_available, bench.row_steps.get(row.id)) for row in bench.rows]
     ids = {p.row.id for p in planned}
     wants_cache = any(p.row.side == "denoiser" and p.skip_reason is None for p in planned)
     if wants_cache and "encoder" not in ids and _missing_embeddings(opts, bench.prompts, encoding):
@@ -70,11 +79,16 @@ def run_rows(bench: BenchSettings, opts: GlobalOptions, source: ModelSource, enc
     planned = plan(bench, opts, encoding, cuda_available)
     results: list[dict] = []
     encoder_failed: str | None = None
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sdxl-split-bench-") as workdir:
         for index, item in enumerate(planned, start=1):
             record = blank_result(item, _settings_of(item, bench, encoding))
+            left = None if bench.budget_s is None else bench.budget_s - (time.monotonic() - started)
             if item.skip_reason is not None:
                 record.update(status="skipped", error=item.skip_reason)
+            elif left is not None and left < MIN_ROW_S:
+                record.update(status="skipped", error=f"not started: {left:.0f} s were left of the "
+                                                      f"{bench.budget_s:.0f} s --budget")
             elif item.row.side == "denoiser" and encoder_failed is not None:
                 # Saves a process start per row, each of which would only find the cache empty.
                 record.update(status="failed", error=f"no embeddings: the encoder row failed ({encoder_failed})")
@@ -83,9 +97,10 @@ def run_rows(bench: BenchSettings, opts: GlobalOptions, source: ModelSource, enc
                              cache_dir=str(opts.cache_dir), prompts=bench.prompts, encoding=asdict(encoding),
                              encoder_device=bench.encoder_device,
                              render=item.config.as_dict() if item.config is not None else None,
-                             repeats=bench.repeats, crash=item.row.id == bench.crash_row,
-                             verbosity=opts.verbosity)
-                outcome = run_in_fresh_process(job, Path(workdir), bench.row_timeout_s)
+                             repeats=bench.row_repeats.get(item.row.id, bench.repeats),
+                             crash=item.row.id == bench.crash_row, verbosity=opts.verbosity)
+                timeout = bench.row_timeout_s if left is None else min(bench.row_timeout_s, left)
+                outcome = run_in_fresh_process(job, Path(workdir), timeout)
                 record.update({key: value for key, value in outcome.items() if key in record})
                 if (item.row.side == "encoder" and record["status"] != "ok"
                         and _missing_embeddings(opts, bench.prompts, encoding)):

@@ -28,6 +28,8 @@ class Measured:
     latencies_ms: list[float]
     # Process CPU time of each timed repeat (all threads).
     cpu_ms: list[float]
+    # Wall ms each timed repeat spent in each meter phase (denoise, decode, encode).
+    phase_ms: dict[str, list[float]]
     # Images one repeat produces (None for the encoder, which produces embeddings).
     images_per_repeat: int | None
     # Pipeline components actually held by this process: the proof that a denoiser row has no text encoder.
@@ -38,12 +40,21 @@ def _held(pipe) -> list[str]:
     return sorted(name for name, part in pipe.components.items() if part is not None)
 
 
-def _repeat(work: Callable[[], object], job: RowJob, device: str) -> tuple[float, list[float], list[float]]:
+def _repeat(work: Callable[[], object], job: RowJob, device: str, meter: MemoryMeter
+            ) -> tuple[float, list[float], list[float], dict[str, list[float]]]:
     """Warm-up wall ms (compiles, allocates, fills caches: kept out of the figures), then each repeat's wall and
-    CPU ms."""
+    CPU ms, and the ms each repeat spent in each meter phase."""
     warmup, _ = timed_ms(work, device)
-    timed = [timed_ms(work, device) for _ in range(job.repeats)]
-    return warmup, [wall for wall, _ in timed], [cpu for _, cpu in timed]
+    timed, phase_ms = [], {}
+    for _ in range(job.repeats):
+        first = len(meter.phases)
+        timed.append(timed_ms(work, device))
+        spent: dict[str, float] = {}
+        for phase in meter.phases[first:]:
+            spent[phase.phase] = spent.get(phase.phase, 0.0) + phase.seconds * 1000.0
+        for name, ms in spent.items():
+            phase_ms.setdefault(name, []).append(ms)
+    return warmup, [wall for wall, _ in timed], [cpu for _, cpu in timed], phase_ms
 
 
 def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
@@ -59,12 +70,12 @@ def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Ca
         encoded[:] = [text_side.encode([entry], settings.clip_skip)[0] for entry in entries]
 
     with meter.phase("encode"):
-        warmup, latencies, cpu = _repeat(once, job, job.encoder_device)
+        warmup, latencies, cpu, phases = _repeat(once, job, job.encoder_device, meter)
     cache = EmbeddingCache(job.global_options().embeddings_dir)
     for entry, result in zip(entries, encoded):
         cache.store(Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
                                tensors=result.tensors, truncated=bool(result.dropped)))
-    return Measured(warmup, latencies, cpu, None, _held(text_side.pipe))
+    return Measured(warmup, latencies, cpu, phases, None, _held(text_side.pipe))
 
 
 def cached_records(job: RowJob) -> list[Embeddings]:
@@ -94,8 +105,8 @@ def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
         for record in records:
             denoiser.render(record, config.seed, config.images_per_prompt)
 
-    warmup, latencies, cpu = _repeat(once, job, config.device)
-    return Measured(warmup, latencies, cpu, config.images_per_prompt * len(records), _held(pipe))
+    warmup, latencies, cpu, phases = _repeat(once, job, config.device, meter)
+    return Measured(warmup, latencies, cpu, phases, config.images_per_prompt * len(records), _held(pipe))
 
 
 def load_monolith(source: ModelSource, config: RenderConfig):
@@ -138,8 +149,8 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
                                 tensors=dict(zip(names, tensors)))
             denoiser.render(record, config.seed, config.images_per_prompt)
 
-    warmup, latencies, cpu = _repeat(once, job, config.device)
-    return Measured(warmup, latencies, cpu, config.images_per_prompt * len(entries), _held(pipe))
+    warmup, latencies, cpu, phases = _repeat(once, job, config.device, meter)
+    return Measured(warmup, latencies, cpu, phases, config.images_per_prompt * len(entries), _held(pipe))
 
 
 RUNNERS: dict[str, Callable[[RowJob, ModelSource, MemoryMeter, Callable[[], None]], Measured]] = {

@@ -33,3 +33,13 @@ def latency_stats(latencies_ms: list[float], images_per_repeat: int | None) -> d
         "max_ms": max(latencies_ms),
         "s_per_image": median / 1000.0 / images_per_repeat if images_per_repeat else None,
     }
+
+
+def phase_figures(phase_ms: dict[str, list[float]], steps: int | None) -> dict:
+    """Medians of one repeat's denoising per step and of its decode: what a row shortened to fewer steps still
+    compares by."""
+    denoise, decode = phase_ms.get("denoise"), phase_ms.get("decode")
+    return {
+        "denoise_ms_per_step": statistics.median(denoise) / steps if denoise and steps else None,
+        "decode_ms": statistics.median(decode) if decode else None,
+    }

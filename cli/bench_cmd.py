@@ -43,18 +43,30 @@ def _interrupt(signum: int, frame: object) -> None:
               help="Add the seed's own figures (A100 40GB) beside ours, with ours/seed ratios.")
 @click.option("--row-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="Seconds before a row's process is killed and the row reported failed.")
+@click.option("--row-steps", multiple=True, metavar="ROW=N",
+              help="Run ROW with N steps instead of --steps, to fit a time budget; its per-step figures still "
+                   "compare and the table gives its full-step estimate. Repeatable.")
+@click.option("--row-repeats", multiple=True, metavar="ROW=N", help="Timed repeats for ROW instead of --repeats.")
+@click.option("--budget", type=click.FloatRange(min=1), default=None,
+              help="Wall seconds for the whole run: rows that cannot start in time are reported skipped.")
+@click.option("--append", is_flag=True,
+              help="Merge into the results file of an earlier run (same GPU, date, model and workload): this "
+                   "run's rows replace the same rows, the others stay.")
 @click.option("--crash-row", default=None, hidden=True, envvar=CRASH_ENV,
               help="Test hook: this row's process kills itself after loading.")
 @click.pass_obj
 def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int, repeats: int,
           device: str | None, encoder_device: str, prompts: tuple[str, ...], out_dir: Path, compare: str | None,
-          row_timeout: float, crash_row: str | None) -> None:
+          row_timeout: float, row_steps: tuple[str, ...], row_repeats: tuple[str, ...], budget: float | None,
+          append: bool, crash_row: str | None) -> None:
     """Benchmark the seed's optimizations, one fresh process per row.
 
     \b
     Rows (fp16/SDPA "baseline" as in the seed; denoiser rows hold UNet + VAE only):
       fp32-classic, fp16-classic, fp16-sdpa, compile, model-offload, sequential-offload,
       group-offload, vae-slicing, vae-slicing-sequential, tiny-vae, tiny-vae-slicing,
+      bf16-sdpa, fast (bf16 + fused QKV + channels_last), fast-compile, fast-compile-tiny,
+      fast-autotune (PyTorch's "Diffusion, Fast" minus int8),
       encoder (text side alone), monolith (everything in one process)
 
     Rows this device cannot run (offload or CUDA-graph compile on the CPU) are reported as skipped
@@ -64,10 +76,10 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
     import torch
 
     from sdxl_split.bench.environment import environment
-    from sdxl_split.bench.publish import build_payload, write_outputs
+    from sdxl_split.bench.publish import build_payload, merge_previous, results_path, write_outputs
     from sdxl_split.bench.report import markdown, progress_line
     from sdxl_split.bench.results import headline_metric
-    from sdxl_split.bench.rows import select_rows
+    from sdxl_split.bench.rows import parse_row_values, select_rows
     from sdxl_split.bench.runner import BenchSettings, run_rows
     from sdxl_split.denoiser_service.config import RenderConfig, parse_size
     from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint
@@ -85,7 +97,8 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
         rows=rows,
         base=RenderConfig(device=device, width=width, height=height, steps=steps, images_per_prompt=images),
         encoder_device=encoder_device, prompts=tuple(prompts), repeats=repeats, row_timeout_s=row_timeout,
-        crash_row=crash_row,
+        crash_row=crash_row, row_steps=parse_row_values(row_steps, "--row-steps"),
+        row_repeats=parse_row_values(row_repeats, "--row-repeats"), budget_s=budget,
     )
     source = resolve(opts)  # built-in models are built here, once, not raced by the row processes
     encoding = encoding_settings(opts, source, default_dtype(encoder_device, None), None)
@@ -94,12 +107,17 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
              "fingerprint": fingerprint(source, TEXT_COMPONENTS + DENOISE_COMPONENTS, opts.cache_dir)}
     env = environment(device, model, ["sdxl-split", *sys.argv[1:]])
     metric = headline_metric(device)
+    if append:  # refuse a mismatched earlier file now, not after an hour of rows
+        merge_previous(env, settings.as_dict(), [], results_path(out_dir, env))
     # SIGTERM unwinds like Ctrl-C: the running row's process is killed and the scratch folder removed.
     signal.signal(signal.SIGTERM, _interrupt)
     notice(f"bench: {len(rows)} rows on {device} ({env['gpu'] or env['cpu']}), each in a fresh process")
     results = run_rows(settings, opts, source, encoding, cuda_available,
                        progress=lambda i, n, result: notice(progress_line(i, n, result, metric)))
-    payload = build_payload(env, settings.as_dict(), results, compare == "seed", os.getpid())
+    bench_dict = settings.as_dict()
+    if append:
+        env, bench_dict, results = merge_previous(env, bench_dict, results, results_path(out_dir, env))
+    payload = build_payload(env, bench_dict, results, compare == "seed", os.getpid())
     paths = write_outputs(payload, out_dir)
     click.echo(markdown(payload), nl=False)
     notice(f"wrote {paths['md']}, {paths['json'].name} and {paths['png'].name}")

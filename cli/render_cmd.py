@@ -65,7 +65,14 @@ def render_options(func):
         click.option("--compile", "compile_unet", is_flag=True,
                      help="torch.compile the UNet (fullgraph). The first image compiles; a new size or batch "
                           "recompiles."),
-        click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True),
+        click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True,
+                     help="torch.compile mode for --compile and --compile-vae; max-autotune searches GEMM kernels "
+                          "for minutes on the first image, reduce-overhead adds CUDA graphs."),
+        click.option("--compile-vae", is_flag=True, help="torch.compile the VAE decoder too."),
+        click.option("--channels-last", is_flag=True,
+                     help="NHWC memory layout for the UNet and VAE (faster convolutions on tensor-core GPUs)."),
+        click.option("--fuse-qkv", is_flag=True,
+                     help="Fuse each attention's q/k/v projections into one matmul (needs --attention sdpa)."),
         click.option("--vae", type=click.Choice(VAE_KINDS), default="full", show_default=True,
                      help="full = the model's AutoencoderKL; tiny = AutoencoderTiny (taesdxl), fast previews."),
         click.option("--vae-model", default=None,
@@ -74,7 +81,8 @@ def render_options(func):
         click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
         click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),
         click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
-                     help="CPU offload: model (whole models), sequential (every layer), group (blocks, overlapped)."),
+                     help="CPU offload: model (whole models), sequential (every layer), group (every layer, the "
+                          "next one uploading on a side stream while this one computes)."),
         click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True),
         click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale."),
         click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
@@ -96,7 +104,8 @@ def render_config_from(kw: dict) -> RenderConfig:
     width, height = parse_size(kw["size"])
     config = RenderConfig(
         out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
-        compile=kw["compile_unet"], compile_mode=kw["compile_mode"], vae=kw["vae"], vae_model=kw["vae_model"],
+        compile=kw["compile_unet"], compile_mode=kw["compile_mode"], compile_vae=kw["compile_vae"],
+        channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
         vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
         offload=kw["offload"], steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
@@ -117,8 +126,9 @@ def denoiser_loader(source: ModelSource, config: RenderConfig, meter: MemoryMete
 
         notice(f"loading UNet + {config.vae} VAE of {source.description} on {config.device} ({config.dtype}, "
                f"attention {config.attention}, offload {config.offload})")
-        if config.compile:
-            notice("--compile: the first image compiles the UNet (slow); a new size or batch recompiles")
+        if config.compile or config.compile_vae:
+            notice("--compile: the first image compiles (slow; minutes with max-autotune); a new size or batch "
+                   "recompiles")
         with meter.phase("load"):
             pipe = load_denoiser_pipeline(source, config)
         return Denoiser(pipe, config, meter)

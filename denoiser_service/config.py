@@ -32,6 +32,12 @@ class RenderConfig:
     attention: str = "sdpa"
     compile: bool = False
     compile_mode: str = "default"
+    # Compile the VAE decoder too (with --compile's mode); the decode is a few % of a 25-step image.
+    compile_vae: bool = False
+    # NHWC weights and activations: the layout cuDNN's tensor-core convolutions prefer.
+    channels_last: bool = False
+    # One matmul for q, k and v (k and v for cross-attention) instead of three (diffusers' fuse_qkv_projections).
+    fuse_qkv: bool = False
     vae: str = "full"
     vae_model: str | None = None
     vae_slicing: bool = False
@@ -55,6 +61,8 @@ class RenderConfig:
             "attention": self.attention, "vae_slicing": self.vae_slicing,
             "vae_tile_size": self.vae_tile_size if self.vae_tiling else None,
             "compile": self.compile_mode if self.compile else None,
+            "compile_vae": self.compile_mode if self.compile_vae else None,
+            "channels_last": self.channels_last, "fuse_qkv": self.fuse_qkv,
         }
 
     def as_dict(self) -> dict:
@@ -79,13 +87,18 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
     if config.offload != "none" and not on_gpu:
         raise UserError(f"--offload {config.offload} moves weights between CPU and GPU, so it needs --device cuda")
-    if config.compile and config.offload != "none":
+    compiling = config.compile or config.compile_vae
+    if compiling and config.offload != "none":
+        flag = "--compile" if config.compile else "--compile-vae"
         raise UserError(
-            f"--compile cannot be combined with --offload {config.offload}: offload hooks move weights during "
+            f"{flag} cannot be combined with --offload {config.offload}: offload hooks move weights during "
             "forward and break compiled graphs (diffusers #4399, accelerate #3885); pick one"
         )
-    if config.compile and config.compile_mode == "reduce-overhead" and not on_gpu:
+    if compiling and config.compile_mode == "reduce-overhead" and not on_gpu:
         raise UserError("--compile-mode reduce-overhead uses CUDA graphs and needs --device cuda")
+    if config.fuse_qkv and config.attention != "sdpa":
+        raise UserError("--fuse-qkv runs diffusers' fused SDPA processor; it cannot be combined with "
+                        "--attention default")
     if config.vae_model is not None and config.vae != "tiny":
         raise UserError("--vae-model names a tiny autoencoder; add --vae tiny")
     if config.vae_tiling and (config.vae_tile_size < 64 or config.vae_tile_size % 64):

@@ -57,6 +57,9 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
         pipe.unet.set_default_attn_processor()
         if hasattr(pipe.vae, "set_default_attn_processor"):
             pipe.vae.set_default_attn_processor()
+    if config.fuse_qkv:
+        # Before offload hooks wrap the modules; the tiny VAE has no attention to fuse.
+        pipe.fuse_qkv_projections(unet=True, vae=config.vae == "full")
     if config.vae_slicing:
         pipe.vae.enable_slicing()
     if config.vae_tiling:
@@ -67,16 +70,33 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
     elif config.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     elif config.offload == "group":
-        # Block-level groups with a side stream overlap the next block's upload with this block's compute.
+        # Leaf-level groups with a side stream: the next layer uploads while this one computes. Block-level
+        # groups would hold a whole top-level block, and SDXL's 1280-wide up block alone is ~2 GiB in fp16.
         pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+                                  offload_type="leaf_level", use_stream=True, non_blocking=True)
     else:
         pipe.to(device)
-    if config.compile:
-        pipe.unet = torch.compile(pipe.unet, mode=None if config.compile_mode == "default" else config.compile_mode,
-                                  fullgraph=True)
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if config.compile or config.compile_vae:
+        compile_modules(pipe, config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def compile_modules(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> None:
+    mode = None if config.compile_mode == "default" else config.compile_mode
+    if config.channels_last:
+        # With NHWC activations inductor can lower the UNet's many 1x1 convolutions to plain matmuls
+        # (PyTorch's "Diffusion, Fast" recipe).
+        torch._inductor.config.conv_1x1_as_mm = True
+    if config.compile:
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+    if config.compile_vae:
+        # The decoder alone (the denoiser never encodes images); the wrapper keeps its parameters, so the
+        # fp32 upcast around each decode still reaches them.
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, fullgraph=True)
 
 
 def expected_widths(pipe: StableDiffusionXLPipeline) -> tuple[int, int]:

@@ -45,12 +45,24 @@ class _NvmlProbe:
         self._nvml = pynvml
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
         self._pid = os.getpid()
+        # "process" while the driver lists this pid; "device" once it does not. In a container the driver
+        # reports host pids, so the device's whole use is the nearest figure there is; the report says which.
+        self.scope = "process"
 
     def used_bytes(self) -> int:
         for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
             if proc.pid == self._pid and proc.usedGpuMemory is not None:
                 return int(proc.usedGpuMemory)
+        if self._has_context():
+            self.scope = "device"
+            return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
         return 0
+
+    @staticmethod
+    def _has_context() -> bool:
+        import torch
+
+        return torch.cuda.is_initialized()
 
 
 class MemoryMeter:
@@ -141,6 +153,7 @@ class MemoryMeter:
             "cuda_allocated_gib": _max_opt(*(m.cuda_allocated_gib for m in merged.values())),
             "cuda_reserved_gib": _max_opt(*(m.cuda_reserved_gib for m in merged.values())),
             "nvml_gib": _max_opt(*(m.nvml_gib for m in merged.values())),
+            "nvml_scope": self._nvml.scope if self._nvml else None,
             "phases": phases,
         }
 

@@ -27,9 +27,9 @@ CPU_BASE = RenderConfig(device="cpu", width=64, height=64, steps=2, images_per_p
 # ---- unit: rows, job records, figures -------------------------------------------------------------------------
 
 
-def test_select_rows_keeps_catalogue_order_and_refuses_unknown_ids() -> None:
+def test_select_rows_keeps_the_order_given_and_refuses_unknown_ids() -> None:
     assert select_rows("all") == ROWS
-    assert [r.id for r in select_rows("monolith, encoder,fp16-sdpa")] == ["fp16-sdpa", "encoder", "monolith"]
+    assert [r.id for r in select_rows("monolith, encoder,fp16-sdpa,encoder")] == ["monolith", "encoder", "fp16-sdpa"]
     with pytest.raises(UserError, match="unknown row 'fp8'.*fp32-classic"):
         select_rows("fp16-sdpa,fp8")
 
@@ -98,7 +98,7 @@ def test_split_against_monolith_and_seed_ratios() -> None:
     for record in gpu[1:]:
         record["memory"]["cuda_allocated_gib"] = record["memory"]["peak_rss_gib"] / 2
     assert split_vs_monolith(gpu, "cuda_allocated_gib")["split_gib"] == 1.5
-    seed = {row["row"]: row for row in seed_comparison(results, "peak_rss_gib")}
+    seed = {row["row"]: row for row in seed_comparison(results, "peak_rss_gib", 25)}
     assert set(seed) == {"fp16-sdpa", "monolith"}
     assert seed["monolith"]["seed_memory_gib"] == 21.72 and seed["monolith"]["latency_ratio"] == 120.0 / 11413.0
 

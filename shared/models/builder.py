@@ -59,21 +59,24 @@ def write_config_folder(arch: Architecture, directory: Path) -> None:
     write_sdxl_tokenizers(directory)
 
 
-def _seeded(seed: int, factory: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+def _seeded(seed: int, factory: Callable[[], torch.nn.Module], dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(seed)
-    module = factory()
-    return (module if dtype == torch.float32 else module.to(dtype)).eval()
+    # Initialising 2.6B parameters is mostly random-number generation: seconds on a GPU, minutes on a small CPU.
+    # The same seed draws different numbers on CUDA, so the marker records where the weights were drawn.
+    with torch.device(device):
+        module = factory()
+    return module.to(device="cpu", dtype=dtype).eval()
 
 
-def _components(arch: Architecture, dtype: torch.dtype, seed: int):
+def _components(arch: Architecture, dtype: torch.dtype, seed: int, device: str):
     """Yield (subfolder, module) one at a time so a full-size build holds one fp32 model at most."""
-    yield "text_encoder", _seeded(seed, lambda: CLIPTextModel(_text_config(arch.text_encoder, "")), dtype)
+    yield "text_encoder", _seeded(seed, lambda: CLIPTextModel(_text_config(arch.text_encoder, "")), dtype, device)
     yield "text_encoder_2", _seeded(
-        seed + 1, lambda: CLIPTextModelWithProjection(_text_config(arch.text_encoder_2, "")), dtype
+        seed + 1, lambda: CLIPTextModelWithProjection(_text_config(arch.text_encoder_2, "")), dtype, device
     )
-    yield "vae", _seeded(seed + 2, lambda: AutoencoderKL(**arch.vae), dtype)
-    yield TINY_VAE_SUBFOLDER, _seeded(seed + 3, lambda: AutoencoderTiny(**arch.taesd), dtype)
-    yield "unet", _seeded(seed + 4, lambda: UNet2DConditionModel(**arch.unet), dtype)
+    yield "vae", _seeded(seed + 2, lambda: AutoencoderKL(**arch.vae), dtype, device)
+    yield TINY_VAE_SUBFOLDER, _seeded(seed + 3, lambda: AutoencoderTiny(**arch.taesd), dtype, device)
+    yield "unet", _seeded(seed + 4, lambda: UNet2DConditionModel(**arch.unet), dtype, device)
 
 
 def build_model(
@@ -82,6 +85,7 @@ def build_model(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     on_component: Callable[[str, int], None] | None = None,
+    device: str = "cpu",
 ) -> BuildReport:
     """Build into a temp folder beside `directory`, then rename, so an interrupted build leaves nothing."""
     started = time.perf_counter()
@@ -94,13 +98,14 @@ def build_model(
     try:
         write_config_folder(arch, staging)
         parameters: dict[str, int] = {}
-        for name, module in _components(arch, dtype, seed):
+        for name, module in _components(arch, dtype, seed, device):
             parameters[name] = sum(p.numel() for p in module.parameters())
             module.save_pretrained(staging / name, safe_serialization=True)
             if on_component:
                 on_component(name, parameters[name])
             del module
         marker = {"architecture": arch.name, "random_weights": arch.random_weights, "seed": seed,
+                  "drawn_on": torch.device(device).type,
                   "dtype": str(dtype).removeprefix("torch."), "parameters": parameters}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if directory.exists():
