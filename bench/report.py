@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+from sdxl_split.bench.limits import reading
 from sdxl_split.bench.results import memory_gib, metric_label, workload_ms
 from sdxl_split.bench.seed_table import SEED_GPU, SEED_NOTE, SEED_WORKLOAD
 
@@ -29,6 +30,8 @@ def _header(payload: dict) -> list[str]:
     on_gpu = env["device"].startswith("cuda")
     weights = " (random weights: memory and FLOPs are real, images are noise)" if model["random_weights"] else ""
     prompts = len(bench["prompts"])
+    warmup = f" of {_count(bench['warmup_steps'], 'step')} (compiles, picks kernels, grows the allocator)" if bench.get(
+        "warmup_steps") else ""
     lines = [
         f"# sdxl-split bench: {env['gpu'] or 'cpu'}, {env['date']}",
         "",
@@ -37,7 +40,7 @@ def _header(payload: dict) -> list[str]:
         f"- model: {model['spec']}{weights}; fingerprint {model['fingerprint']}",
         f"- workload: {base['width']}x{base['height']}, {_count(base['steps'], 'step')}, "
         f"{_count(base['images_per_prompt'], 'image')} per prompt (one batch), {_count(prompts, 'prompt')}, "
-        f"{base['scheduler']}, guidance {base['guidance']}; one untimed warm-up, then latency = median of "
+        f"{base['scheduler']}, guidance {base['guidance']}; one untimed warm-up{warmup}, then latency = median of "
         f"{_count(bench['repeats'], 'timed repeat')}; every row in a fresh process",
         "- memory in GiB (1024**3 bytes), per process: \"memory\" is torch.cuda.max_memory_allocated (the seed's "
         "\"GB\" column), reserved is the caching allocator's peak, NVML the driver's view (includes the CUDA "
@@ -151,6 +154,7 @@ def markdown(payload: dict) -> str:
         lines += [""] + [f"{line}  " for line in split[:-1]] + split[-1:]  # two spaces: markdown line break
     if payload.get("seed") is not None:
         lines += _seed_section(payload)
+    lines += reading(payload)
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from sdxl_split.bench.job import RowJob, source_dict
 from sdxl_split.bench.launcher import run_in_fresh_process
 from sdxl_split.bench.results import blank_result
 from sdxl_split.bench.rows import ROW_BY_ID, PlannedRow, Row, plan_row
+from sdxl_split.bench.timing import WARMUP_STEPS
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
@@ -45,7 +46,7 @@ class BenchSettings:
         return {"rows": [row.id for row in self.rows], "base": self.base.as_dict(),
                 "encoder_device": self.encoder_device, "prompts": list(self.prompts), "repeats": self.repeats,
                 "row_timeout_s": self.row_timeout_s, "row_steps": dict(self.row_steps),
-                "row_repeats": dict(self.row_repeats), "budget_s": self.budget_s}
+                "row_repeats": dict(self.row_repeats), "budget_s": self.budget_s, "warmup_steps": WARMUP_STEPS}
 
 
 def _missing_embeddings(opts: GlobalOptions, prompts: tuple[str, ...], encoding: EncodingSettings) -> bool:

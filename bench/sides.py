@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import diffusers
 import torch
 
 from sdxl_split.bench.job import RowJob
-from sdxl_split.bench.timing import timed_ms
+from sdxl_split.bench.timing import WARMUP_STEPS, timed_ms
 from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
@@ -40,15 +40,16 @@ def _held(pipe) -> list[str]:
     return sorted(name for name, part in pipe.components.items() if part is not None)
 
 
-def _repeat(work: Callable[[], object], job: RowJob, device: str, meter: MemoryMeter
+def _repeat(work: Callable[[int | None], object], job: RowJob, device: str, meter: MemoryMeter
             ) -> tuple[float, list[float], list[float], dict[str, list[float]]]:
-    """Warm-up wall ms (compiles, allocates, fills caches: kept out of the figures), then each repeat's wall and
-    CPU ms, and the ms each repeat spent in each meter phase."""
-    warmup, _ = timed_ms(work, device)
+    """Warm-up wall ms, then each repeat's wall and CPU ms, and the ms each repeat spent in each meter phase.
+    `work(steps)` runs one repeat; the warm-up runs WARMUP_STEPS denoising steps, which is enough to compile,
+    pick kernels and grow the allocator (nothing depends on the step count) at a fraction of the cost."""
+    warmup, _ = timed_ms(lambda: work(WARMUP_STEPS), device)
     timed, phase_ms = [], {}
     for _ in range(job.repeats):
         first = len(meter.phases)
-        timed.append(timed_ms(work, device))
+        timed.append(timed_ms(lambda: work(None), device))
         spent: dict[str, float] = {}
         for phase in meter.phases[first:]:
             spent[phase.phase] = spent.get(phase.phase, 0.0) + phase.seconds * 1000.0
@@ -66,7 +67,7 @@ def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Ca
     loaded()
     encoded: list = []
 
-    def once() -> None:
+    def once(steps: int | None) -> None:
         encoded[:] = [text_side.encode([entry], settings.clip_skip)[0] for entry in entries]
 
     with meter.phase("encode"):
@@ -93,15 +94,19 @@ def cached_records(job: RowJob) -> list[Embeddings]:
     return records
 
 
+def _denoiser(pipe, config: RenderConfig, meter: MemoryMeter, steps: int | None) -> Denoiser:
+    return Denoiser(pipe, config if steps is None else replace(config, steps=min(steps, config.steps)), meter)
+
+
 def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
     config = job.render_config()
     records = cached_records(job)
     with meter.phase("load"):
         pipe = load_denoiser_pipeline(source, config)
     loaded()
-    denoiser = Denoiser(pipe, config, meter)
 
-    def once() -> None:
+    def once(steps: int | None) -> None:
+        denoiser = _denoiser(pipe, config, meter, steps)
         for record in records:
             denoiser.render(record, config.seed, config.images_per_prompt)
 
@@ -133,11 +138,11 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
     with meter.phase("load"):
         pipe = load_monolith(source, config)
     loaded()
-    denoiser = Denoiser(pipe, config, meter)
     device = torch.device(config.device)
 
     @torch.inference_mode()
-    def once() -> None:
+    def once(steps: int | None) -> None:
+        denoiser = _denoiser(pipe, config, meter, steps)
         for entry in entries:
             with meter.phase("encode"):
                 # What StableDiffusionXLPipeline.__call__(prompt=...) runs first, called out to time it apart.

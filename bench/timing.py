@@ -6,6 +6,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+# Denoising steps of a row's untimed warm-up. CUDA graphs (compile mode reduce-overhead) are recorded over the
+# first few calls; three steps cover that.
+WARMUP_STEPS = 3
+
 
 def timed_ms(work: Callable[[], object], device: str) -> tuple[float, float]:
     """(wall ms, this process's CPU ms) for `work`. Waits for queued GPU kernels, so asynchronous launches are not

@@ -27,6 +27,11 @@ class Decoded:
     retried_fp32: bool
 
 
+def needs_fp32_decode(vae: torch.nn.Module) -> bool:
+    """SDXL's VAE overflows in fp16; its config asks for an fp32 decode (force_upcast), as diffusers honours."""
+    return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
 def generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded seed+i, so seeds reproduce across devices and processes."""
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
@@ -85,12 +90,12 @@ class Denoiser:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> Decoded:
         vae = self.pipe.vae
-        # SDXL's VAE overflows in fp16; its config asks for an fp32 decode (force_upcast), as diffusers does.
-        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        upcast = needs_fp32_decode(vae)
         retried = False
         if upcast:
             vae.to(dtype=torch.float32)
-            latents = latents.to(torch.float32)
+        if latents.dtype != vae.dtype:  # upcast now, or kept in fp32 since loading (group offload)
+            latents = latents.to(vae.dtype)
         try:
             image = self._vae_decode(latents)
             if not torch.isfinite(image).all():

@@ -7,6 +7,7 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.denoise import needs_fp32_decode
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError
 from sdxl_split.shared.models.builder import TINY_VAE_SUBFOLDER
@@ -70,6 +71,10 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
     elif config.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     elif config.offload == "group":
+        if needs_fp32_decode(pipe.vae):
+            # Group offload uploads the copies it pinned at setup, so a later vae.to(float32) never reaches
+            # the GPU: upcast once, before the copies are made.
+            pipe.vae.to(torch.float32)
         # Leaf-level groups with a side stream: the next layer uploads while this one computes. Block-level
         # groups would hold a whole top-level block, and SDXL's 1280-wide up block alone is ~2 GiB in fp16.
         pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),

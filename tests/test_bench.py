@@ -13,10 +13,12 @@ from PIL import Image
 from sdxl_split.bench.compare import seed_comparison, split_vs_monolith
 from sdxl_split.bench.job import RowJob, source_dict
 from sdxl_split.bench.launcher import _death_reason
+from sdxl_split.bench.limits import reading
+from sdxl_split.bench.publish import merge_previous
 from sdxl_split.bench.report import markdown
-from sdxl_split.bench.results import RESULT_FIELDS, STATUSES, blank_result
-from sdxl_split.bench.rows import ROW_BY_ID, ROWS, plan_row, select_rows
-from sdxl_split.bench.timing import latency_stats
+from sdxl_split.bench.results import RESULT_FIELDS, STATUSES, blank_result, workload_ms
+from sdxl_split.bench.rows import ROW_BY_ID, ROWS, parse_row_values, plan_row, select_rows
+from sdxl_split.bench.timing import latency_stats, phase_figures
 from sdxl_split.denoiser_service.config import RenderConfig, validate
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource
@@ -117,6 +119,72 @@ def test_markdown_header_rows_and_skip_reasons() -> None:
     assert "| technique | memory (GiB) | latency (ms) |" in text
     assert "| `fp16-sdpa` fp16 + SDPA (baseline) | — | 100.0 |" in text
     assert "skipped: --offload model moves weights \\| needs --device cuda" in text
+
+
+def test_rows_shortened_to_fit_a_budget_say_so_and_compare_by_their_per_step_figure() -> None:
+    assert parse_row_values(("fp32-classic=3", "compile=1"), "--row-steps") == {"fp32-classic": 3, "compile": 1}
+    for bad, message in (("warp=3", "unknown row 'warp'"), ("compile=x", "must look like ROW=N"),
+                         ("compile=0", "at least 1")):
+        with pytest.raises(UserError, match=message):
+            parse_row_values((bad,), "--row-steps")
+    gpu_base = RenderConfig(device="cuda", steps=25)
+    short = plan_row(ROW_BY_ID["sequential-offload"], gpu_base, True, steps=5)
+    assert short.config.steps == 5 and short.note == "5 of 25 steps, to fit the time budget"
+    record = blank_result(short, short.config.as_dict())
+    record.update(status="ok", median_ms=6000.0, denoise_ms_per_step=1000.0)
+    assert workload_ms(record, 25) == 6000.0 + 20 * 1000.0
+    full = _ok("fp16-sdpa", 1.0, 4000.0, steps=25)
+    assert workload_ms(full, 25) == 4000.0
+    assert phase_figures({"denoise": [300.0, 100.0, 200.0], "decode": [50.0]}, 10) == {
+        "denoise_ms_per_step": 20.0, "decode_ms": 50.0}
+
+
+def _payload(rows: list[dict], device: str = "cuda", steps: int = 25) -> tuple[dict, dict]:
+    env = {"gpu": "NVIDIA H200", "device": device, "date": "2026-11-26", "datetime": "t", "argv": ["a"],
+           "model": {"fingerprint": "sha256:ab"}}
+    bench = {"rows": [r["row"] for r in rows], "base": RenderConfig(device=device, steps=steps).as_dict(),
+             "prompts": ["p"], "row_steps": {}, "row_repeats": {}}
+    return env, bench
+
+
+def test_append_merges_rows_of_the_same_workload_and_refuses_another(tmp_path: Path) -> None:
+    first = [_ok("fp16-sdpa", 1.0, 4000.0), _ok("monolith", 1.0, 4100.0)]
+    env, bench = _payload(first)
+    previous = tmp_path / "nvidia-h200-2026-11-26.json"
+    previous.write_text(json.dumps({"environment": env, "bench": bench, "rows": first}))
+    second = [_ok("fp16-sdpa", 1.0, 3900.0), _ok("compile", 1.0, 3500.0)]
+    env2, bench2 = _payload(second)
+    merged_env, merged_bench, rows = merge_previous(env2, bench2, second, previous)
+    by_row = {r["row"]: r["median_ms"] for r in rows}
+    assert by_row == {"monolith": 4100.0, "fp16-sdpa": 3900.0, "compile": 3500.0}
+    assert merged_bench["rows"] == ["fp16-sdpa", "compile", "monolith"] and len(merged_env["runs"]) == 2
+    _, other = _payload(second, steps=20)
+    with pytest.raises(UserError, match="another workload"):
+        merge_previous(env2, other, second, previous)
+    assert merge_previous(env2, bench2, second, tmp_path / "absent.json") == (env2, bench2, second)
+
+
+def test_reading_against_the_physical_limit_uses_the_fastest_row() -> None:
+    rows = [_ok("fp16-sdpa", 1.0, 4000.0, "cuda", steps=25), _ok("fast-compile-tiny", 1.0, 3000.0, "cuda", steps=25)]
+    rows[1]["denoise_ms_per_step"] = 120.0
+    env, bench = _payload(rows)
+    bench["base"] = {**bench["base"], "width": 1024, "height": 1024, "images_per_prompt": 4}
+    text = "\n".join(reading({"environment": env, "bench": bench, "rows": rows}))
+    assert "= 1,352 TFLOP per repeat" in text and "1.71 s" in text
+    assert "fastest row `fast-compile-tiny`: 3.00 s" in text and "451 TFLOP/s, 1.75x the floor" in text
+    assert "120.0 ms per step = 451 TFLOP/s" in text and "10.30 s: 3.4x ours" in text
+    cpu_env, cpu_bench = _payload(rows, device="cpu")
+    assert reading({"environment": cpu_env, "bench": cpu_bench, "rows": rows}) == []
+
+
+def test_fast_options_refuse_what_cannot_work() -> None:
+    with pytest.raises(UserError, match="--fuse-qkv .* --attention default"):
+        validate(RenderConfig(fuse_qkv=True, attention="default"), False)
+    with pytest.raises(UserError, match="--compile-vae cannot be combined with --offload group"):
+        validate(RenderConfig(device="cuda", compile_vae=True, offload="group"), True)
+    fast = RenderConfig(channels_last=True, fuse_qkv=True, compile_vae=True)
+    validate(fast, False)
+    assert fast.pixel_settings() != RenderConfig().pixel_settings()
 
 
 # ---- process: every row in its own process --------------------------------------------------------------------
