@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psutil
 
+from sdxl_split.shared.devices import cuda_index
+
 GIB = 1024**3
 
 
@@ -36,8 +38,7 @@ def gpu_name(device: str) -> str | None:
 
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    return torch.cuda.get_device_name(index)
+    return torch.cuda.get_device_name(cuda_index(device))
 
 
 def environment(device: str, model: dict, argv: list[str], now: dt.datetime | None = None) -> dict:

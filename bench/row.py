@@ -12,20 +12,6 @@ from pathlib import Path
 from sdxl_split.bench.job import RowJob
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the bench parent dies, so no orphan keeps a GPU or 15 GiB of RAM."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    # The parent may have died before prctl took effect; then we were re-parented already.
-    if os.getppid() == 1:
-        os._exit(1)
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
@@ -35,13 +21,13 @@ def run(job: RowJob) -> dict:
     """Load, warm up and time the row; return its result record (memory from this process alone)."""
     from sdxl_split.bench.sides import RUNNERS
     from sdxl_split.bench.timing import latency_stats, phase_figures
+    from sdxl_split.shared.devices import cuda_index
     from sdxl_split.shared.memory import MemoryMeter
     from sdxl_split.shared.quiet import quiet_libraries
 
     quiet_libraries(job.verbosity)
     device = job.encoder_device if job.side == "encoder" else job.render_config().device
-    cuda_device = (int(device.split(":", 1)[1]) if ":" in device else 0) if device.startswith("cuda") else None
-    meter = MemoryMeter(cuda_device=cuda_device)
+    meter = MemoryMeter(cuda_device=cuda_index(device))
     settings = {"device": device, "dtype": job.encoding["dtype"]} if job.side == "encoder" else job.render
     record: dict = {"row": job.row_id, "side": job.side, "pid": os.getpid(), "parent_pid": os.getppid(),
                     "settings": settings}
@@ -81,6 +67,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m sdxl_split.bench.row JOB.json RESULT.json", file=sys.stderr)
         return 2
+    from sdxl_split.shared.processes import die_with_parent
+
     die_with_parent()
     job = RowJob.from_json(Path(argv[0]).read_text())
     record = run(job)

@@ -14,7 +14,7 @@ from sdxl_split.bench.results import blank_result
 from sdxl_split.bench.rows import ROW_BY_ID, PlannedRow, Row, plan_row
 from sdxl_split.bench.timing import WARMUP_STEPS
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embedding_cache import EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
@@ -51,7 +51,7 @@ class BenchSettings:
 
 def _missing_embeddings(opts: GlobalOptions, prompts: tuple[str, ...], encoding: EncodingSettings) -> bool:
     cache = EmbeddingCache(opts.embeddings_dir)
-    return any(not cache.lookup(embedding_key(PromptEntry(line=1, prompt=text).texts(), encoding)).hit
+    return any(not isinstance(cache.lookup(embedding_key(PromptEntry(line=1, prompt=text).texts(), encoding)), Hit)
                for text in prompts)
 
 

@@ -14,8 +14,8 @@ from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
 from sdxl_split.encoder_service.text_side import TextSide
-from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import DTYPES, Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
+from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES, Embeddings, EncodingSettings, embedding_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.loading import load_partial_pipeline
@@ -86,10 +86,9 @@ def cached_records(job: RowJob) -> list[Embeddings]:
     records = []
     for entry in job.entries():
         found = cache.lookup(embedding_key(entry.texts(), settings))
-        if not found.hit:
+        if not isinstance(found, Hit):
             raise UserError(f"no cached embeddings for {entry.prompt[:60]!r}"
-                            + (f" ({found.problem})" if found.problem else "") + "; run the encoder row first")
-        assert found.record is not None
+                            + (f" ({found.problem})" if isinstance(found, Bad) else "") + "; run the encoder row first")
         records.append(found.record)
     return records
 
@@ -148,10 +147,8 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
                 # What StableDiffusionXLPipeline.__call__(prompt=...) runs first, called out to time it apart.
                 tensors = pipe.encode_prompt(prompt=[entry.prompt], prompt_2=[entry.prompt], device=device,
                                              num_images_per_prompt=1, do_classifier_free_guidance=True)
-            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds")
             record = Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
-                                tensors=dict(zip(names, tensors)))
+                                tensors=dict(zip(TENSOR_NAMES, tensors)))
             denoiser.render(record, config.seed, config.images_per_prompt)
 
     warmup, latencies, cpu, phases = _repeat(once, job, config.device, meter)

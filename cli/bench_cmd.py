@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from sdxl_split.cli.common import check_device, default_dtype, notice, resolve
-from sdxl_split.cli.encode_cmd import encoding_settings
 from sdxl_split.cli.render_cmd import EXIT_SOME_FAILED
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.settings import GlobalOptions
@@ -82,6 +81,7 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
     from sdxl_split.bench.rows import parse_row_values, select_rows
     from sdxl_split.bench.runner import BenchSettings, run_rows
     from sdxl_split.denoiser_service.config import RenderConfig, parse_size
+    from sdxl_split.shared.embeddings import encoding_settings
     from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint
 
     rows = select_rows(row_list)
@@ -101,7 +101,7 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
         row_repeats=parse_row_values(row_repeats, "--row-repeats"), budget_s=budget,
     )
     source = resolve(opts)  # built-in models are built here, once, not raced by the row processes
-    encoding = encoding_settings(opts, source, default_dtype(encoder_device, None), None)
+    encoding = encoding_settings(source, opts.cache_dir, default_dtype(encoder_device, None), None)
     model = {"spec": source.spec, "description": source.description, "kind": source.kind,
              "revision": source.revision, "random_weights": source.random_weights,
              "fingerprint": fingerprint(source, TEXT_COMPONENTS + DENOISE_COMPONENTS, opts.cache_dir)}

@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import click
-from safetensors import safe_open
 
 from sdxl_split.cli.common import print_json
-from sdxl_split.shared.embedding_cache import SUFFIX, EmbeddingCache
-from sdxl_split.shared.embeddings import SCHEMA
+from sdxl_split.shared.embedding_cache import EmbeddingCache, ListedEntry
 from sdxl_split.shared.settings import GlobalOptions
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-# _verify_one's answer for a file removed (by a concurrent gc or encode) after it was listed.
-_VANISHED = "vanished"
 
 
 class DurationError(click.ClickException):
@@ -43,54 +38,6 @@ class Duration(click.ParamType):
                 f"--older-than {value!r} is not a duration; use a number and a unit: 30d, 12h, 45m, 3600s or 2w"
             )
         return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-@dataclass(frozen=True)
-class ListedEntry:
-    """What `cache ls` shows of one file, read from its header only; `problem` set means BAD."""
-
-    key: str
-    path: str
-    size: int
-    mtime: float
-    dtype: str | None = None
-    clip_skip: int | None = None
-    truncated: bool | None = None
-    fingerprint: str | None = None
-    texts: dict[str, str | None] | None = None
-    problem: str | None = None
-
-
-def _read_listing(path: Path, size: int, mtime: float) -> ListedEntry:
-    base = {"key": path.name.removesuffix(SUFFIX), "path": str(path), "size": size, "mtime": mtime}
-    try:
-        # safe_open parses and bounds-checks only the header; no tensor is read.
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for malformed files
-        return ListedEntry(**base, problem=f"unreadable safetensors header: {err}")
-    if meta.get("schema") != SCHEMA:
-        return ListedEntry(**base, problem=f"not an {SCHEMA} file")
-    try:
-        texts = json.loads(meta["texts"])
-        settings = json.loads(meta["settings"])
-        return ListedEntry(**base, dtype=str(settings["dtype"]), clip_skip=settings["clip_skip"],
-                           truncated=meta.get("truncated") == "true", fingerprint=str(settings["fingerprint"]),
-                           texts={name: texts.get(name) for name in ("prompt", "prompt_2", "negative_prompt",
-                                                                       "negative_prompt_2")})
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
-        return ListedEntry(**base, problem="metadata texts/settings are missing or not JSON")
-
-
-def _stat_files(cache: EmbeddingCache) -> list[tuple[Path, int, float]]:
-    found = []
-    for path in cache.files():
-        try:
-            stat = path.stat()
-        except FileNotFoundError:  # removed by a concurrent gc or verify since the listing
-            continue
-        found.append((path, stat.st_size, stat.st_mtime))
-    return found
 
 
 def format_size(size: float) -> str:
@@ -144,7 +91,7 @@ def ls(opts: GlobalOptions, as_json: bool) -> None:
     `cache verify` for a full check of every tensor).
     """
     store = EmbeddingCache(opts.embeddings_dir)
-    entries = [_read_listing(path, size, mtime) for path, size, mtime in _stat_files(store)]
+    entries = store.listing()
     if as_json:
         print_json({"cache_dir": str(store.root), "entries": [asdict(e) for e in entries]})
         return
@@ -165,37 +112,14 @@ def verify(opts: GlobalOptions, delete_bad: bool) -> None:
     Exits 1 if any file was bad, also when --delete-bad removed them (the next encode re-creates them).
     """
     store = EmbeddingCache(opts.embeddings_dir)
-    checked = 0
-    bad: list[Path] = []
-    for path in store.files():
-        problem = _verify_one(store, path)
-        if problem == _VANISHED:
-            continue
-        checked += 1
-        if problem:
-            bad.append(path)
-            click.echo(f"BAD {problem}")
-            if delete_bad:
-                path.unlink(missing_ok=True)
-    deleted = f", {len(bad)} deleted" if delete_bad and bad else ""
-    click.echo(f"{checked} files checked: {checked - len(bad)} ok, {len(bad)} bad{deleted} ({store.root})")
-    if bad:
+    report = store.verify(delete_bad=delete_bad)
+    for _, problem in report.bad:
+        click.echo(f"BAD {problem}")
+    deleted = f", {report.deleted} deleted" if report.deleted else ""
+    click.echo(f"{report.checked} files checked: {report.checked - len(report.bad)} ok, {len(report.bad)} bad"
+               f"{deleted} ({store.root})")
+    if report.bad:
         raise click.exceptions.Exit(1)
-
-
-def _verify_one(store: EmbeddingCache, path: Path) -> str | None:
-    """None when valid, else why (prefixed with the path), or _VANISHED."""
-    key = path.name.removesuffix(SUFFIX)
-    try:
-        expected = store.path_for(key)
-    except ValueError:
-        return f"{path}: file name is not a cache key"
-    if expected != path:
-        return f"{path}: belongs in {expected.parent.name}/, not {path.parent.name}/"
-    found = store.lookup(key)
-    if found.hit:
-        return None
-    return found.problem or _VANISHED
 
 
 @cache.command("gc")
@@ -206,13 +130,6 @@ def _verify_one(store: EmbeddingCache, path: Path) -> str | None:
 def gc(opts: GlobalOptions, older_than: float, dry_run: bool) -> None:
     """Remove entries older than a duration (by modification time)."""
     store = EmbeddingCache(opts.embeddings_dir)
-    cutoff = time.time() - older_than
-    # `<=` so that `--older-than 0s` means everything, even a file written this very instant.
-    doomed = [(path, size) for path, size, mtime in _stat_files(store) if mtime <= cutoff]
-    if not dry_run:
-        # Fan-out folders stay: removing one could race a concurrent encoder's write into it.
-        for path, _ in doomed:
-            path.unlink(missing_ok=True)
+    files, size = store.collect(older_than, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {len(doomed)} files, {format_size(sum(size for _, size in doomed))} "
-               f"({sum(size for _, size in doomed)} bytes) from {store.root}")
+    click.echo(f"{verb} {files} files, {format_size(size)} ({size} bytes) from {store.root}")

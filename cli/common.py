@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model
 from sdxl_split.shared.quiet import quiet_libraries
@@ -36,7 +37,7 @@ def check_device(device: str, flag: str = "--device") -> str:
         if not torch.cuda.is_available():
             raise UserError(f"{flag} {device} asked for CUDA, but torch sees no CUDA GPU; use {flag} cpu")
         try:
-            index = int(device.split(":", 1)[1]) if ":" in device else 0
+            index = cuda_index(device)
         except ValueError:
             raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N") from None
         if index >= torch.cuda.device_count():
@@ -53,13 +54,6 @@ def check_endpoint(endpoint: str, flag: str) -> str:
     if not _ENDPOINT.match(endpoint):
         raise UserError(f"{flag} {endpoint!r} is not a ZeroMQ endpoint; use tcp://HOST:PORT or ipc:///PATH")
     return endpoint
-
-
-def cuda_index(device: str) -> int | None:
-    """The CUDA device number a --device names, or None for cpu/mps."""
-    if not device.startswith("cuda"):
-        return None
-    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
 def default_dtype(device: str, dtype: str | None) -> str:

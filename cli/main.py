@@ -87,14 +87,10 @@ def cli(ctx: click.Context, model: str, revision: str | None, cache_dir: str | N
                             verbosity=verbose)
 
 
-def main(argv: list[str] | None = None, meta: dict | None = None) -> None:
-    """Run the CLI; user errors print one line and exit non-zero, never a traceback.
-
-    `meta` seeds click's context meta: `run` passes its children's readiness/result callbacks this way.
-    """
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors print one line and exit non-zero, never a traceback."""
     try:
         with cli.make_context("sdxl-split", list(sys.argv[1:] if argv is None else argv)) as ctx:
-            ctx.meta.update(meta or {})
             cli.invoke(ctx)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -18,6 +18,7 @@ import zmq
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.security import make_curve_client
+from sdxl_split.shared.wakeup import Wakeup, watch_stop
 
 log = logging.getLogger("sdxl_split.denoiser")
 MAX_BACKOFF_S = 16.0
@@ -52,6 +53,21 @@ class WorkerStats:
     jobs_failed: int = 0
     reconnects: int = 0
     dropped_messages: int = 0
+
+
+@dataclass
+class _LinkState:
+    """Where one worker's loop stands."""
+
+    loading: Future
+    render: RenderFn | None = None
+    # JOBs received and not yet started; the render thread runs one at a time.
+    pending: deque[p.Job] = field(default_factory=deque)
+    current: Future | None = None
+    announced: bool = False  # READY sent on this connection
+    finishing: bool = False  # BYE received or stop requested: finish the current job, then leave
+    last_heard: float = 0.0
+    next_beat: float = 0.0
 
 
 class Worker:
@@ -95,91 +111,102 @@ class Worker:
 
     def run(self, load: Callable[[], RenderFn], stop: threading.Event) -> WorkerStats:
         """Serve until the encoder says BYE (or forever with serve=True) or `stop` is set."""
-        hb = self.config.heartbeat_s
         # Connect first: a bad endpoint or key file fails now, not after minutes of loading weights.
         self._connect()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+        wakeup = Wakeup()
+        watch_stop(stop, wakeup)
         # Load on the render thread so heartbeats keep flowing while multi-GB weights load.
-        loading: Future = executor.submit(load)
-        render: RenderFn | None = None
-        pending: deque[p.Job] = deque()
-        current: Future | None = None
-        current_job: p.Job | None = None
-        announced = False
-        finishing = False
-        last_heard = time.monotonic()
-        next_beat = 0.0
+        state = _LinkState(loading=executor.submit(load))
+        state.loading.add_done_callback(lambda _: wakeup.set())
         try:
             while True:
-                now = time.monotonic()
-                if render is None and loading.done():
-                    try:
-                        render = loading.result()
-                    except BaseException as err:
-                        # Tell the encoder now rather than let it wait out three heartbeats.
-                        self._send(p.Dead(f"{type(err).__name__}: {err}"[:2000] or "load failed"))
-                        raise
-                if render is not None and not announced and not finishing:
-                    announced = self._send(self._ready())
-                    last_heard = time.monotonic()
-                if now >= next_beat:
-                    self._send(p.Heartbeat())
-                    next_beat = now + hb
-                if announced and now - last_heard > hb * self.config.liveness:
-                    self.stats.reconnects += 1
-                    self.report(f"encoder silent for {self.config.liveness} heartbeats; reconnecting in "
-                                f"{self._backoff:.0f} s")
-                    pending.clear()  # the encoder re-queues whatever it had sent us
-                    time.sleep(self._backoff)
-                    self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-                    self._connect()
-                    announced = False
-                    continue
-                if current is not None and current.done():
-                    reply = current.result()
-                    self._send(reply)
-                    if isinstance(reply, p.Done):
-                        self.stats.jobs_done += 1
-                    else:
-                        self.stats.jobs_failed += 1
-                    current, current_job = None, None
-                if stop.is_set() and not finishing:
-                    # Drain: the job on the GPU finishes and is reported; queued ones go back via BYE.
-                    finishing = True
-                    pending.clear()
-                if current is None and pending and render is not None and not finishing:
-                    current_job = pending.popleft()
-                    current = executor.submit(self._render_one, render, current_job)
-                if finishing and current is None:
+                self._turn(state, stop, executor, wakeup)
+                if state.finishing and state.current is None:
                     self._send(p.Bye("denoiser stopping"))
                     return self.stats
-                assert self.socket is not None
-                if self.socket.poll(int(min(hb, 0.1) * 1000), zmq.POLLIN):
-                    while self.socket.poll(0, zmq.POLLIN):
-                        message = self._receive()
-                        if message is None:
-                            continue
-                        last_heard = time.monotonic()
-                        self._backoff = 1.0
-                        if isinstance(message, p.Job):
-                            if not finishing:  # else the encoder re-queues it when our BYE arrives
-                                pending.append(message)
-                        elif isinstance(message, (p.Bye, p.Dead)):
-                            self._send(p.Bye("acknowledged"))  # the encoder waits for this before closing
-                            if self.config.serve:
-                                self.report(f"encoder finished ({getattr(message, 'reason', '')}); waiting for "
-                                            "the next one")
-                                pending.clear()
-                                self._connect()
-                                announced = False
-                            else:
-                                finishing = True
-                                pending.clear()
+                self._wait(state, wakeup)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+            wakeup.close()
             if self.socket is not None:
                 self.socket.close(linger=500)
             self.context.term()
+
+    def _turn(self, state: _LinkState, stop: threading.Event, executor: ThreadPoolExecutor, wakeup: Wakeup) -> None:
+        """Everything that is due now: readiness, heartbeat, liveness, a finished render, the next render."""
+        hb = self.config.heartbeat_s
+        now = time.monotonic()
+        if state.render is None and state.loading.done():
+            try:
+                state.render = state.loading.result()
+            except BaseException as err:
+                # Tell the encoder now rather than let it wait out three heartbeats.
+                self._send(p.Dead(p.reason_text(f"{type(err).__name__}: {err}")))
+                raise
+        if state.render is not None and not state.announced and not state.finishing:
+            state.announced = self._send(self._ready())
+            state.last_heard = time.monotonic()
+        if now >= state.next_beat:
+            self._send(p.Heartbeat())
+            state.next_beat = now + hb
+        if state.announced and now - state.last_heard > hb * self.config.liveness:
+            self._reconnect(state)
+            return
+        if state.current is not None and state.current.done():
+            reply = state.current.result()
+            self._send(reply)
+            if isinstance(reply, p.Done):
+                self.stats.jobs_done += 1
+            else:
+                self.stats.jobs_failed += 1
+            state.current = None
+        if stop.is_set() and not state.finishing:
+            # Drain: the job on the GPU finishes and is reported; queued ones go back via BYE.
+            state.finishing = True
+            state.pending.clear()
+        if state.current is None and state.pending and state.render is not None and not state.finishing:
+            state.current = executor.submit(self._render_one, state.render, state.pending.popleft())
+            state.current.add_done_callback(lambda _: wakeup.set())
+
+    def _reconnect(self, state: _LinkState) -> None:
+        self.stats.reconnects += 1
+        self.report(f"encoder silent for {self.config.liveness} heartbeats; reconnecting in {self._backoff:.0f} s")
+        state.pending.clear()  # the encoder re-queues whatever it had sent us
+        time.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+        self._connect()
+        state.announced = False
+
+    def _wait(self, state: _LinkState, wakeup: Wakeup) -> None:
+        """Sleep until a message, a finished load or render, a stop request, or the next heartbeat."""
+        assert self.socket is not None
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(wakeup, zmq.POLLIN)
+        timeout_ms = max(0.0, state.next_beat - time.monotonic()) * 1000
+        events = dict(poller.poll(timeout_ms))
+        wakeup.clear()
+        if self.socket not in events:
+            return
+        while self.socket.poll(0, zmq.POLLIN):
+            message = self._receive()
+            if message is None:
+                continue
+            state.last_heard = time.monotonic()
+            self._backoff = 1.0
+            if isinstance(message, p.Job):
+                if not state.finishing:  # else the encoder re-queues it when our BYE arrives
+                    state.pending.append(message)
+            elif isinstance(message, (p.Bye, p.Dead)):
+                self._send(p.Bye("acknowledged"))  # the encoder waits for this before closing
+                state.pending.clear()
+                if self.config.serve:
+                    self.report(f"encoder finished ({getattr(message, 'reason', '')}); waiting for the next one")
+                    self._connect()
+                    state.announced = False
+                else:
+                    state.finishing = True
 
     def _receive(self) -> p.Message | None:
         assert self.socket is not None
@@ -197,4 +224,5 @@ class Worker:
         try:
             return render(job)
         except Exception as err:  # one job's failure (e.g. CUDA OOM) is reported, and the next job runs
-            return p.Error(job_id=job.job_id, attempt=job.attempt, reason=f"{type(err).__name__}: {err}"[:2000])
+            reason = p.reason_text(f"{type(err).__name__}: {err}")
+            return p.Error(work_id=job.work_id, attempt=job.attempt, reason=reason)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import TYPE_CHECKING
 
-from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
@@ -72,12 +72,11 @@ def run_encode(
     misses: list[tuple[str, PromptEntry]] = []
     for key, group in by_key.items():
         found = cache.lookup(key)
-        if found.hit:
+        if isinstance(found, Hit):
             stats.hits += 1
-            assert found.record is not None and found.data is not None
             deliver(key, found.record, found.data)
             continue
-        if found.problem:
+        if isinstance(found, Bad):
             stats.bad_cache_files += 1
             stats.problems.append(found.problem)
             warn(f"bad cache file, re-encoding: {found.problem}")

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, TypeVar
 from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
 from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
 from sdxl_split.encoder_service.journal import Journal
-from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared import protocol as p
+from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
 from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.wakeup import watch_stop
 
 if TYPE_CHECKING:  # diffusers loads only when some prompt actually needs encoding
     from sdxl_split.encoder_service.text_side import TextSide
@@ -56,12 +58,12 @@ def run_streaming_encode(
     intact in the output folder of the denoiser they would go to."""
     def fetch(key: str) -> tuple[Embeddings, bytes]:
         found = cache.lookup(key)
-        if not found.hit:
-            raise LookupError(found.problem or f"cache entry {key[:12]} is gone")
-        assert found.record is not None and found.data is not None
-        return found.record, found.data
+        if isinstance(found, Hit):
+            return found.record, found.data
+        raise LookupError(found.problem if isinstance(found, Bad) else f"cache entry {key[:12]} is gone")
 
     dispatcher = Dispatcher(link, journal, fetch, report=report)
+    watch_stop(stop, dispatcher.wakeup)
     on_bound()
     seen: set[str] = set()
 
@@ -72,7 +74,9 @@ def run_streaming_encode(
         seen.add(wid)
         dispatcher.add(wid, entry, record.key)
         # Hand the job out now, so the GPU starts while later prompts are still being encoded.
-        dispatcher.pump(throttle_s)
+        dispatcher.pump(0)
+        if throttle_s:
+            dispatcher.serve_for(throttle_s)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-side")
 
@@ -80,8 +84,9 @@ def run_streaming_encode(
         # Loading CLIP-bigG takes seconds to minutes, and one forward pass seconds on a busy CPU: run them
         # off the main thread and keep the link served, or denoisers take the silence for a dead encoder.
         running = pool.submit(work)
+        running.add_done_callback(lambda _: dispatcher.wakeup.set())
         while not running.done():
-            dispatcher.pump(0.1)
+            dispatcher.pump(link.heartbeat_s)
         return running.result()
 
     class ServedTextSide:
@@ -100,23 +105,23 @@ def run_streaming_encode(
                            on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
                            should_stop=stop.is_set)
         idle_since = time.monotonic()
-        while dispatcher.outstanding and not stop.is_set():
-            dispatcher.pump(0.2)
+        table = dispatcher.table
+        while table.outstanding and not stop.is_set():
+            dispatcher.pump(link.heartbeat_s)
             # A denoiser still loading its model heartbeats before READY; that counts as coming.
-            if dispatcher.workers:
+            if table.workers:
                 idle_since = time.monotonic()
             elif time.monotonic() - max(idle_since, dispatcher.last_peer_seen) > wait_s:
                 break
         if stop.is_set():
             drain(dispatcher, report)
-        counts = dispatcher.counts()
-        abandoned = counts["queued"] + counts["dispatched"]
-        for job in dispatcher.jobs.values():
-            if job.state in ("queued", "dispatched"):
-                journal.log("abandoned", job.work_id, state=job.state)
-        return StreamResult(encode=stats, jobs=len(seen), already_done=dispatcher.already_done, done=counts["done"],
-                            dead_lettered=counts["dead"], abandoned=abandoned,
-                            denoisers_attached=dispatcher.ever_attached, interrupted=stop.is_set())
+        counts = table.counts()
+        leftovers = table.leftovers()
+        for job in leftovers:
+            journal.log("abandoned", job.work_id, state=job.state.value)
+        return StreamResult(encode=stats, jobs=len(seen), already_done=table.already_done, done=counts["done"],
+                            dead_lettered=counts["dead"], abandoned=len(leftovers),
+                            denoisers_attached=table.ever_attached, interrupted=stop.is_set())
     except BaseException as err:
         crashed = err
         raise
@@ -124,7 +129,7 @@ def run_streaming_encode(
         pool.shutdown(wait=True)
         if crashed is not None and not isinstance(crashed, KeyboardInterrupt):
             # Denoisers should hear that this run failed, not that it finished.
-            dispatcher.close(f"encoder failed: {type(crashed).__name__}: {crashed}"[:2000], dead=True)
+            dispatcher.close(p.reason_text(f"encoder failed: {type(crashed).__name__}: {crashed}"), dead=True)
         else:
             dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")
 
@@ -135,9 +140,10 @@ DRAIN_TIMEOUT_S = 300.0
 def drain(dispatcher: Dispatcher, report: Callable[[str], None]) -> None:
     """On Ctrl-C: hand out nothing new, but let images already on a GPU finish and be journaled.
     A second Ctrl-C raises KeyboardInterrupt out of here."""
-    dispatcher.draining = True
-    if dispatcher.in_flight:
-        report(f"waiting for {dispatcher.in_flight} image batch(es) in flight; Ctrl-C again to stop now")
+    table = dispatcher.table
+    table.draining = True
+    if table.in_flight:
+        report(f"waiting for {table.in_flight} image batch(es) in flight; Ctrl-C again to stop now")
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while dispatcher.in_flight and dispatcher.workers and time.monotonic() < deadline:
-        dispatcher.pump(0.2)
+    while table.in_flight and table.workers and time.monotonic() < deadline:
+        dispatcher.pump(dispatcher.config.heartbeat_s)

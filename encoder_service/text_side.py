@@ -62,11 +62,7 @@ class TextSide:
         )
         results = []
         for row, entry in enumerate(entries):
-            tensors = {name: out[row : row + 1].detach().to("cpu").clone() for name, out in zip(
-                # encode_prompt's return order.
-                ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                 "negative_pooled_prompt_embeds"), outputs)}
-            assert set(tensors) == set(TENSOR_NAMES)
+            tensors = {name: out[row : row + 1].detach().to("cpu").clone() for name, out in zip(TENSOR_NAMES, outputs)}
             dropped = {field: tail for field, text in entry.texts().items() if (tail := self._dropped_tail(text))}
             results.append(EncodedPrompt(tensors=tensors, dropped=dropped))
         return results

@@ -6,16 +6,19 @@ import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdxl_split.shared.models.resolve import TEXT_COMPONENTS, ModelSource, fingerprint, model_index
 from sdxl_split.shared.prompts import MAX_TEXT_CHARS
 
 SCHEMA = "sdxl-split/embeddings"
 SCHEMA_VERSION = 2
+# In the order diffusers' encode_prompt returns them.
 TENSOR_NAMES = (
     "prompt_embeds",
     "negative_prompt_embeds",
@@ -48,6 +51,17 @@ class EncodingSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+
+
+def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_skip: int | None) -> EncodingSettings:
+    """The settings a model and the encoding options give, as every cache key and lookup must see them."""
+    # diffusers reads hidden_states[-(clip_skip + 2)]: 0 is the same layer as no clip skip, so one key.
+    return EncodingSettings(
+        fingerprint=fingerprint(source, TEXT_COMPONENTS, cache_dir),
+        clip_skip=clip_skip or None,
+        dtype=dtype,
+        force_zeros=bool(model_index(source).get("force_zeros_for_empty_prompt", True)),
+    )
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
@@ -33,12 +34,58 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies, so no child outlives `run`."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
+    """Ask Linux to SIGTERM this process when its parent dies, so no child outlives `run` or `bench` (and
+    keeps a GPU or 15 GiB of RAM)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before prctl took effect; then we were re-parented already. (A parent that
+    # is pid 1 itself, as in a container, is fine: only a change counts.)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def stderr_notice(message: str) -> None:
+    """How a child process says something: stderr, which `run` shares with its children."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ChildHooks:
+    """What a child tells its parent: ready once (its model is loaded), then its result."""
+
+    ready: Callable[[], None]
+    result: Callable[[dict], None]
+
+
+def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0) -> None:
+    """The preamble every child of `run` shares: die with the parent, quiet libraries, and turn any failure
+    into one line on stderr plus an exit code, as the CLI does (the parent names the child that failed)."""
+    die_with_parent()
+    from sdxl_split.shared.quiet import quiet_libraries
+
+    quiet_libraries(verbosity)
+    hooks = ChildHooks(ready=lambda: send_json(conn, {"ready": True}),
+                       result=lambda payload: send_json(conn, {"result": payload}))
+    try:
+        body(hooks)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # a bug, not bad input: one line unless asked for more
+        if verbosity >= 2:
+            import traceback
+
+            traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"internal error: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 @dataclass

@@ -10,9 +10,9 @@ prepends the peer's identity frame; strip it and pass the rest to `decode`.
 The flow (credit-based load balancing, Paranoid Pirate heartbeats):
 
     denoiser -> encoder   READY{credits, ...}   announce capacity (and out_dir, settings_id); once per connection
-    encoder  -> denoiser  JOB{job_id, ...}      only against a credit
-    denoiser -> encoder   DONE{job_id, images}  returns one credit
-    denoiser -> encoder   ERROR{job_id, reason} a per-job failure; also returns one credit
+    encoder  -> denoiser  JOB{work_id, ...}      only against a credit
+    denoiser -> encoder   DONE{work_id, images}  returns one credit
+    denoiser -> encoder   ERROR{work_id, reason} a per-job failure; also returns one credit
     both ways             HEARTBEAT             every HEARTBEAT_INTERVAL_S; HEARTBEAT_LIVENESS missed = dead
     both ways             DEAD{reason}          the sender hit an unrecoverable failure and is stopping
     both ways             BYE{reason}           orderly shutdown; the sender will send nothing more
@@ -24,8 +24,8 @@ checked for type and range before anything uses it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import zmq
@@ -66,8 +66,26 @@ _ENVELOPE = ("proto", "v", "type")
 # ---- the closed set of message types ----
 
 
+class _Message:
+    """A message's JSON header is its dataclass fields (or HEADER_FIELDS), so there is no table to keep in step."""
+
+    TYPE = ""
+
+    @classmethod
+    def header_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    def _header(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.header_fields()}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any]) -> Any:
+        # The constructor's __post_init__ checks every field's type and range.
+        return cls(**{name: h[name] for name in cls.header_fields()})
+
+
 @dataclass(frozen=True)
-class Ready:
+class Ready(_Message):
     """A denoiser announces itself and how many jobs it will hold at once."""
 
     credits: int
@@ -92,22 +110,14 @@ class Ready:
         if self.settings_id:
             hex64_field(self.settings_id, "settings_id")
 
-    def _header(self) -> dict[str, Any]:
-        return {"credits": self.credits, "worker": self.worker, "pid": self.pid, "device": self.device,
-                "out_dir": self.out_dir, "settings_id": self.settings_id}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Ready:
-        return cls(credits=h["credits"], worker=h["worker"], pid=h["pid"], device=h["device"], out_dir=h["out_dir"],
-                   settings_id=h["settings_id"])
-
 
 # eq=False: the record holds tensors, whose == is elementwise and has no truth value.
 @dataclass(frozen=True, eq=False)
-class Job:
-    """One prompt's batch to render, with its embedding record; `payload` is the record's safetensors bytes."""
+class Job(_Message):
+    """One prompt's batch to render, with its embedding record; `payload` is the record's safetensors bytes.
+    `work_id` is the encoder's id for the job (shared.jobs.work_id); a denoiser names files by its own."""
 
-    job_id: str
+    work_id: str
     attempt: int
     entry: PromptEntry
     # Kept out of repr: megabytes of tensors and bytes would bury the job's identity in logs.
@@ -117,7 +127,7 @@ class Job:
     TYPE = "JOB"
 
     def __post_init__(self) -> None:
-        hex64_field(self.job_id, "job_id")
+        hex64_field(self.work_id, "work_id")
         int_field(self.attempt, "attempt", 1)
         if not isinstance(self.entry, PromptEntry):
             raise ProtocolError("entry must be a PromptEntry")
@@ -132,15 +142,20 @@ class Job:
             raise ProtocolError("entry texts do not match the texts the embeddings were made from")
 
     @classmethod
-    def build(cls, job_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
+    def header_fields(cls) -> tuple[str, ...]:
+        # The record travels as the second frame; its key in the header lets the receiver check it.
+        return ("work_id", "attempt", "embedding_key", "entry")
+
+    @classmethod
+    def build(cls, work_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
               payload: bytes | None = None) -> Job:
         """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
         (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
-        return cls(job_id=job_id, attempt=attempt, entry=entry, record=record,
+        return cls(work_id=work_id, attempt=attempt, entry=entry, record=record,
                    payload=record.to_bytes() if payload is None else payload)
 
     def _header(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
+        return {"work_id": self.work_id, "attempt": self.attempt, "embedding_key": self.record.key,
                 "entry": entry_json(self.entry)}
 
 
@@ -157,10 +172,10 @@ class ImageDone:
 
 
 @dataclass(frozen=True)
-class Done:
+class Done(_Message):
     """A job finished; returns one credit."""
 
-    job_id: str
+    work_id: str
     attempt: int
     images: tuple[ImageDone, ...]
     seconds: float
@@ -168,7 +183,7 @@ class Done:
     TYPE = "DONE"
 
     def __post_init__(self) -> None:
-        hex64_field(self.job_id, "job_id")
+        hex64_field(self.work_id, "work_id")
         int_field(self.attempt, "attempt", 1)
         if not isinstance(self.images, tuple) or not all(isinstance(i, ImageDone) for i in self.images):
             raise ProtocolError("images must be a tuple of ImageDone")
@@ -180,8 +195,7 @@ class Done:
         object.__setattr__(self, "seconds", seconds_field(self.seconds, "seconds"))
 
     def _header(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "attempt": self.attempt, "seconds": self.seconds,
-                "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
+        return {**super()._header(), "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
 
     @classmethod
     def _from_header(cls, h: dict[str, Any]) -> Done:
@@ -196,48 +210,34 @@ class Done:
                 raise ProtocolError(f"images[{n}] must be an object")
             exact_keys(item, ("file", "sha256"), f"images[{n}]")
             images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
-        return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
+        return cls(work_id=h["work_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
 
 
 @dataclass(frozen=True)
-class Error:
+class Error(_Message):
     """A job failed on this attempt; returns one credit. The encoder decides whether to retry."""
 
-    job_id: str
+    work_id: str
     attempt: int
     reason: str
 
     TYPE = "ERROR"
 
     def __post_init__(self) -> None:
-        hex64_field(self.job_id, "job_id")
+        hex64_field(self.work_id, "work_id")
         int_field(self.attempt, "attempt", 1)
         str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
 
-    def _header(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "attempt": self.attempt, "reason": self.reason}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Error:
-        return cls(job_id=h["job_id"], attempt=h["attempt"], reason=h["reason"])
-
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(_Message):
     """I am alive; sent every HEARTBEAT_INTERVAL_S in both directions."""
 
     TYPE = "HEARTBEAT"
 
-    def _header(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Heartbeat:
-        return cls()
-
 
 @dataclass(frozen=True)
-class Dead:
+class Dead(_Message):
     """The sender hit an unrecoverable failure and is stopping; the peer need not wait for heartbeats to lapse."""
 
     reason: str
@@ -247,16 +247,9 @@ class Dead:
     def __post_init__(self) -> None:
         str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
 
-    def _header(self) -> dict[str, Any]:
-        return {"reason": self.reason}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Dead:
-        return cls(reason=h["reason"])
-
 
 @dataclass(frozen=True)
-class Bye:
+class Bye(_Message):
     """Orderly shutdown: the sender will send nothing more."""
 
     reason: str = ""
@@ -266,25 +259,15 @@ class Bye:
     def __post_init__(self) -> None:
         str_field(self.reason, "reason", 0, MAX_REASON_CHARS)
 
-    def _header(self) -> dict[str, Any]:
-        return {"reason": self.reason}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Bye:
-        return cls(reason=h["reason"])
-
 
 Message = Ready | Job | Done | Error | Heartbeat | Dead | Bye
 MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Heartbeat, Dead, Bye)
-_HEADER_FIELDS: dict[str, tuple[str, ...]] = {
-    "READY": ("credits", "worker", "pid", "device", "out_dir", "settings_id"),
-    "JOB": ("job_id", "attempt", "embedding_key", "entry"),
-    "DONE": ("job_id", "attempt", "images", "seconds"),
-    "ERROR": ("job_id", "attempt", "reason"),
-    "HEARTBEAT": (),
-    "DEAD": ("reason",),
-    "BYE": ("reason",),
-}
+_BY_TYPE: dict[str, type] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
+
+
+def reason_text(text: str) -> str:
+    """A free-text reason cut to what the protocol carries (a reason must not be empty)."""
+    return text[:MAX_REASON_CHARS] or "unknown"
 
 
 # ---- encode / decode ----
@@ -335,7 +318,7 @@ def _parse_header(frame: bytes) -> dict[str, Any]:
 
 
 def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) -> Job:
-    job_id = hex64_field(header["job_id"], "job_id")
+    work_id = hex64_field(header["work_id"], "work_id")
     attempt = int_field(header["attempt"], "attempt", 1)
     key = hex64_field(header["embedding_key"], "embedding_key")
     entry = entry_field(header["entry"], "entry")
@@ -346,17 +329,7 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
         record = decode_embeddings(payload, expected_key=key)
     except EmbeddingFormatError as err:
         raise ProtocolError(f"JOB payload is not a valid embedding record: {err}") from None
-    return Job(job_id=job_id, attempt=attempt, entry=entry, record=record, payload=payload)
-
-
-_DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
-    "READY": Ready._from_header,
-    "DONE": Done._from_header,
-    "ERROR": Error._from_header,
-    "HEARTBEAT": Heartbeat._from_header,
-    "DEAD": Dead._from_header,
-    "BYE": Bye._from_header,
-}
+    return Job(work_id=work_id, attempt=attempt, entry=entry, record=record, payload=payload)
 
 
 def decode(frames: Sequence[bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> Message:
@@ -386,16 +359,17 @@ def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
         raise ProtocolError(f"protocol version {str(version)[:20]!r} received; this build speaks "
                             f"version {PROTOCOL_VERSION}; run the same sdxl-split version on both sides")
     kind = header.get("type")
-    if not isinstance(kind, str) or kind not in _HEADER_FIELDS:
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-    exact_keys(header, _ENVELOPE + _HEADER_FIELDS[kind], f"{kind} header")
+    cls = _BY_TYPE[kind]
+    exact_keys(header, _ENVELOPE + cls.header_fields(), f"{kind} header")
     if kind == "JOB":
         if len(frames) != 2:
             raise ProtocolError(f"JOB must be 2 frames (header, payload), got {len(frames)}")
         return _decode_job(header, frames[1], max_payload_bytes)
     if len(frames) != 1:
         raise ProtocolError(f"{kind} must be 1 frame, got {len(frames)}")
-    return _DECODERS[kind](header)
+    return cls._from_header(header)
 
 
 # ---- socket options: the one place they are set ----

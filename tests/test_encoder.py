@@ -21,13 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdxl_split.cli.cache_cmd import Duration, DurationError
-from sdxl_split.cli.encode_cmd import encoding_settings
 from sdxl_split.cli.main import cli as cli_group
-from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import TENSOR_NAMES, Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embedding_cache import EmbeddingCache, Hit
+from sdxl_split.shared.embeddings import TENSOR_NAMES, Embeddings, EncodingSettings, embedding_key, encoding_settings
 from sdxl_split.shared.models.resolve import resolve_model
 from sdxl_split.shared.prompts import PromptEntry
-from sdxl_split.shared.settings import GlobalOptions
 
 LONG_PROMPT = " ".join(["cat"] * 80) + " zebra giraffe"
 ROWS: list[dict] = [
@@ -86,8 +84,7 @@ def encode_json(cache: Path, prompts: Path, *flags: str, model: str = "tiny") ->
 def settings_for(cache: Path, model: str = "tiny", dtype: str = "fp32", clip_skip: int | None = None
                  ) -> EncodingSettings:
     """The key settings exactly as `encode` derives them."""
-    opts = GlobalOptions(model=model, revision=None, cache_dir=cache)
-    return encoding_settings(opts, resolve_model(model, cache), dtype, clip_skip)
+    return encoding_settings(resolve_model(model, cache), cache, dtype, clip_skip)
 
 
 def cache_path(cache: Path, entry: PromptEntry, settings: EncodingSettings) -> Path:
@@ -96,8 +93,7 @@ def cache_path(cache: Path, entry: PromptEntry, settings: EncodingSettings) -> P
 
 def load_record(cache: Path, entry: PromptEntry, settings: EncodingSettings) -> Embeddings:
     found = EmbeddingCache(cache / "embeddings").lookup(embedding_key(entry.texts(), settings))
-    assert found.hit, found.problem or f"no cache file for line {entry.line}"
-    assert found.record is not None
+    assert isinstance(found, Hit), f"no valid cache file for line {entry.line}: {found}"
     return found.record
 
 

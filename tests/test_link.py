@@ -47,6 +47,10 @@ class Link:
     def denoiser(self, out: Path, *extra: str, name: str = "denoiser") -> subprocess.Popen:
         return self.start("render", "--out", str(out), *RENDER, *extra, name=name)
 
+    def bound(self) -> bool:
+        """Whether the encoder has bound its ipc:// endpoint (the socket file exists from then on)."""
+        return Path(self.endpoint.removeprefix("ipc://")).exists()
+
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
@@ -176,7 +180,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
 
     prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
     encoder = link.encoder(prompts, "--throttle", "0.3")
-    time.sleep(2.0)
+    wait_for(link.bound)  # messages sent before the encoder binds would be dropped with the rogue's socket
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
@@ -187,7 +191,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
         [b"\x00\xffgarbage"],
         [json.dumps({**header, "type": "STEAL"}).encode()],
         [json.dumps({**header, "v": 99}).encode()],
-        [json.dumps({**header, "type": "DONE", "job_id": "0" * 64, "attempt": 1, "images": [],
+        [json.dumps({**header, "type": "DONE", "work_id": "0" * 64, "attempt": 1, "images": [],
                      "seconds": 0}).encode()],
     ):
         rogue.send_multipart(frames)
@@ -311,7 +315,7 @@ def test_a_denoiser_that_fails_every_job_does_not_sink_the_queue(link: Link, cac
             if broken.poll(200):
                 message = p.decode(broken.recv_multipart())
                 if isinstance(message, p.Job):
-                    broken.send_multipart(p.encode(p.Error(job_id=message.job_id, attempt=message.attempt,
+                    broken.send_multipart(p.encode(p.Error(work_id=message.work_id, attempt=message.attempt,
                                                            reason="broken on purpose")))
                     failed += 1
                 elif isinstance(message, p.Heartbeat):

@@ -70,10 +70,10 @@ def with_header(frames: list[bytes], **changes) -> list[bytes]:
 
 SIMPLE_MESSAGES = [
     Ready(credits=2, worker="gpu-box-1", pid=1234, device="cuda:0"),
-    Done(job_id=JOB_ID, attempt=2, images=(ImageDone("fox-0123.png", SHA), ImageDone("fox-4567.png", SHA)),
+    Done(work_id=JOB_ID, attempt=2, images=(ImageDone("fox-0123.png", SHA), ImageDone("fox-4567.png", SHA)),
          seconds=3.5),
-    Done(job_id=JOB_ID, attempt=1, images=(), seconds=0.0),
-    Error(job_id=JOB_ID, attempt=3, reason="CUDA out of memory ☹"),
+    Done(work_id=JOB_ID, attempt=1, images=(), seconds=0.0),
+    Error(work_id=JOB_ID, attempt=3, reason="CUDA out of memory ☹"),
     Heartbeat(),
     Dead(reason="model failed to load"),
     Bye(reason=""),
@@ -96,7 +96,7 @@ def test_job_round_trips_with_real_embeddings(job: Job) -> None:
     assert header_of(frames)["embedding_key"] == job.record.key
     got = decode(frames)
     assert isinstance(got, Job)
-    assert (got.job_id, got.attempt, got.entry, got.payload) == (JOB_ID, 1, ENTRY, job.payload)
+    assert (got.work_id, got.attempt, got.entry, got.payload) == (JOB_ID, 1, ENTRY, job.payload)
     assert got.record.key == job.record.key and got.record.texts == ENTRY.texts()
     for name, tensor in job.record.tensors.items():
         assert got.record.tensors[name].dtype == torch.float32
@@ -258,9 +258,9 @@ def test_rejects_bool_seed_and_count_in_entry(job: Job) -> None:
     (Ready(1, "w", 1, "cpu"), "worker", "w" * 129),
     (Ready(1, "w", 1, "cpu"), "device", "d" * 65),
     (Error(JOB_ID, 1, "r"), "attempt", 0),
-    (Error(JOB_ID, 1, "r"), "job_id", "AB" * 32),
-    (Error(JOB_ID, 1, "r"), "job_id", "ab" * 31),
-    (Error(JOB_ID, 1, "r"), "job_id", "../../etc/passwd"),
+    (Error(JOB_ID, 1, "r"), "work_id", "AB" * 32),
+    (Error(JOB_ID, 1, "r"), "work_id", "ab" * 31),
+    (Error(JOB_ID, 1, "r"), "work_id", "../../etc/passwd"),
     (Error(JOB_ID, 1, "r"), "reason", "r" * 2001),
     (Error(JOB_ID, 1, "r"), "reason", ""),
     (Dead("r"), "reason", ""),
@@ -411,7 +411,7 @@ def test_deeply_nested_safetensors_header_is_a_protocol_error() -> None:
 
     body = b"[" * 5000 + b"]" * 5000
     payload = struct.pack("<Q", len(body)) + body
-    header = json.dumps({"proto": "sdxl-split", "v": 1, "type": "JOB", "job_id": "a" * 64, "attempt": 1,
+    header = json.dumps({"proto": "sdxl-split", "v": 1, "type": "JOB", "work_id": "a" * 64, "attempt": 1,
                          "embedding_key": "b" * 64, "entry": {"line": 1, "prompt": "x", "prompt_2": None,
                          "negative_prompt": None, "negative_prompt_2": None, "seed": None, "count": None,
                          "id": None}}).encode()

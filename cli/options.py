@@ -1,0 +1,146 @@
+"""The option groups `encode`, `render`, `run` and `bench` share, and the frozen configs built from them."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype
+from sdxl_split.denoiser_service.config import (
+    ATTENTION,
+    COMPILE_MODES,
+    OFFLOAD,
+    SCHEDULERS,
+    VAE_KINDS,
+    RenderConfig,
+    parse_size,
+    validate,
+)
+from sdxl_split.shared.settings import GlobalOptions
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5577"
+
+
+def _apply(func, options: list):
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def encoding_options(func):
+    """Options that change the embeddings; `render --prompts` takes the same ones to find them."""
+    return _apply(func, [
+        click.option("--negative-prompt", default=None, help="Negative prompt for every line that has none."),
+        click.option("--clip-skip", type=click.IntRange(0, 10), default=None,
+                     help="Skip this many final CLIP layers (as diffusers' clip_skip)."),
+        click.option("--encoder-dtype", "encoder_dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                     help="dtype of the cached embeddings [default: fp32 on cpu, else fp16]."),
+        click.option("--encoder-device", "encoder_device", default="cpu", show_default=True,
+                     help="Device the text encoders run on."),
+    ])
+
+
+def link_options(func):
+    """Where the encoder listens for denoisers, and how it treats them."""
+    return _apply(func, [
+        click.option("--bind", default=DEFAULT_ENDPOINT, show_default=True, envvar="SDXL_SPLIT_BIND",
+                     help="ZeroMQ endpoint denoisers connect to (tcp://HOST:PORT or ipc://PATH)."),
+        click.option("--wait", "wait_s", type=click.FloatRange(0), default=10.0, show_default=True,
+                     envvar="SDXL_SPLIT_WAIT",
+                     help="Seconds to wait for a denoiser once the cache is filled; with none, exit 0 and print "
+                          "how to render later."),
+        click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Encrypt and authenticate with CurveZMQ: the encoder/ folder from `keys init`."),
+        max_attempts_option(),
+        click.option("--throttle", type=float, default=0.0, hidden=True,
+                     help="Test hook: seconds to serve the link after each prompt."),
+    ])
+
+
+def max_attempts_option():
+    return click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+                        help="A job that fails (or kills its denoiser) this many times is dead-lettered.")
+
+
+def credits_option():
+    return click.option("--credits", type=click.IntRange(1, 64), default=2, show_default=True,
+                        help="Jobs a denoiser holds at once; 2 keeps the next job's embeddings local while one "
+                             "renders.")
+
+
+def render_options(func):
+    """The denoiser's knobs; `run` and `bench` take the same ones."""
+    return _apply(func, [
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("images"),
+                     show_default=True, help="Output folder for PNGs and manifest.jsonl."),
+        click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present, else cpu]."),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                     help="UNet/VAE dtype [default: fp16 on GPU, fp32 on CPU]."),
+        click.option("--attention", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
+                     help="sdpa = PyTorch scaled_dot_product_attention; default = the classic AttnProcessor."),
+        click.option("--compile", "compile_unet", is_flag=True,
+                     help="torch.compile the UNet (fullgraph). The first image compiles; a new size or batch "
+                          "recompiles."),
+        click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True,
+                     help="torch.compile mode for --compile and --compile-vae; max-autotune searches GEMM kernels "
+                          "for minutes on the first image, reduce-overhead adds CUDA graphs."),
+        click.option("--compile-vae", is_flag=True, help="torch.compile the VAE decoder too."),
+        click.option("--channels-last", is_flag=True,
+                     help="NHWC memory layout for the UNet and VAE (faster convolutions on tensor-core GPUs)."),
+        click.option("--fuse-qkv", is_flag=True,
+                     help="Fuse each attention's q/k/v projections into one matmul (needs --attention sdpa)."),
+        click.option("--vae", type=click.Choice(VAE_KINDS), default="full", show_default=True,
+                     help="full = the model's AutoencoderKL; tiny = AutoencoderTiny (taesdxl), fast previews."),
+        click.option("--vae-model", default=None,
+                     help="Tiny VAE for --vae tiny [default: the model's vae_tiny/, else madebyollin/taesdxl]."),
+        click.option("--vae-slicing", is_flag=True, help="Decode the batch one image at a time."),
+        click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
+        click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),
+        click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
+                     help="CPU offload: model (whole models), sequential (every layer), group (every layer, the "
+                          "next one uploading on a side stream while this one computes)."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
+                     help="Denoising steps per image."),
+        click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
+        click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Images per prompt (a JSONL 'count' overrides it)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it)."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),
+    ])
+
+
+def render_config_from(kw: dict) -> RenderConfig:
+    """The frozen RenderConfig from render_options' values, refused before anything loads if it cannot work."""
+    import torch
+
+    device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    width, height = parse_size(kw["size"])
+    config = RenderConfig(
+        out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
+        compile=kw["compile_unet"], compile_mode=kw["compile_mode"], compile_vae=kw["compile_vae"],
+        channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
+        vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
+        offload=kw["offload"], steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
+        images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
+    )
+    validate(config, torch.cuda.is_available())
+    if not config.device.startswith("cuda"):
+        check_device(config.device)
+    return config
+
+
+def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, negative_prompt: str | None,
+                clip_skip: int | None, dtype: str) -> str:
+    """A copy-pasteable command with the same model and the encoding options that select the cache keys."""
+    words = ["sdxl-split", "--model", opts.model, *verb, str(prompts)]
+    if negative_prompt is not None:
+        words += ["--negative-prompt", negative_prompt]
+    if clip_skip:
+        words += ["--clip-skip", str(clip_skip)]
+    if dtype != "fp32":
+        words += ["--encoder-dtype", dtype]
+    return shlex.join(words)

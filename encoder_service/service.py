@@ -1,0 +1,104 @@
+"""The encoder as a service: one frozen spec in (prompts, model, settings, link), one summary out. `encode` and
+`run`'s encoder child both call `run_encoder`; notices and progress go to callbacks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import zmq
+
+from sdxl_split.encoder_service.config import EncodeConfig
+from sdxl_split.encoder_service.dispatcher import LinkConfig
+from sdxl_split.encoder_service.journal import Journal, journal_path
+from sdxl_split.encoder_service.streaming import run_streaming_encode
+from sdxl_split.shared.devices import cuda_index
+from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.prompts import PromptEntry
+
+Notice = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything one encode run needs, resolved by the parent: the prompt file is parsed and the model
+    resolved once, there."""
+
+    prompts_path: Path
+    entries: tuple[PromptEntry, ...]
+    skipped_lines: int
+    source: ModelSource
+    settings: EncodingSettings
+    cache_dir: Path
+    config: EncodeConfig
+    link: LinkConfig
+    # Seconds to wait for a denoiser once the cache is filled.
+    wait_s: float = 10.0
+    # Test hook: seconds to keep serving the link after each prompt, to slow the encoder down.
+    throttle_s: float = 0.0
+
+    @property
+    def journal_path(self) -> Path:
+        return journal_path(self.cache_dir, self.prompts_path, json.dumps(asdict(self.settings), sort_keys=True))
+
+
+def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
+                on_progress: Callable[[int], None] = lambda n: None,
+                on_bound: Callable[[], None] = lambda: None) -> dict:
+    """Encode (or read from the cache) every prompt, stream the jobs to denoisers, and summarise."""
+    config = spec.config
+    cache = EmbeddingCache(spec.cache_dir / "embeddings")
+    journal = Journal(spec.journal_path)
+    meter = MemoryMeter(cuda_device=cuda_index(config.device))
+
+    def load():
+        from sdxl_split.encoder_service.text_side import TextSide
+
+        notice(f"loading text encoders of {spec.source.description} on {config.device} ({config.dtype})")
+        return TextSide(spec.source, config.device, config.dtype)
+
+    try:
+        result = run_streaming_encode(
+            list(spec.entries), spec.settings, cache, load, meter, spec.link, journal, spec.wait_s, stop, notice,
+            batch_size=config.batch_size, on_progress=on_progress, throttle_s=spec.throttle_s, on_bound=on_bound)
+        memory = meter.summary()
+    except zmq.ZMQError as err:
+        raise UserError(f"cannot listen on {spec.link.endpoint} ({err.strerror}); is another encoder running? "
+                        "pass --bind with another endpoint") from None
+    finally:
+        meter.close()
+    stats = result.encode
+    stats.skipped_lines = spec.skipped_lines
+    return {"stats": stats.as_dict(), "memory": memory, "cache_dir": str(cache.root), "journal": str(journal.path),
+            "model": spec.source.description, "jobs": result.jobs, "already_done": result.already_done,
+            "done": result.done, "dead_lettered": result.dead_lettered, "abandoned": result.abandoned,
+            "denoisers_attached": result.denoisers_attached, "interrupted": result.interrupted}
+
+
+def some_failed(summary: dict) -> bool:
+    """Exit 3: a job was dead-lettered, left unrendered while denoisers were there, or the run was stopped."""
+    return bool(summary["dead_lettered"] or (summary["denoisers_attached"] and summary["abandoned"])
+                or summary["interrupted"])
+
+
+def child_main(conn, spec_json: str, verbosity: int = 0) -> None:
+    """`run`'s encoder process: the spec arrives as JSON, readiness is "bound", the result is the summary."""
+    from sdxl_split.shared import specs
+    from sdxl_split.shared.processes import install_stop_handlers, run_child, stderr_notice
+    from sdxl_split.shared.wakeup import StopFlag
+
+    def body(hooks) -> None:
+        spec = specs.loads(EncodeSpec, spec_json)
+        stop = StopFlag()
+        install_stop_handlers(stop)
+        hooks.result(run_encoder(spec, stop, notice=stderr_notice, on_bound=hooks.ready))
+
+    run_child(conn, body, verbosity)
+

@@ -1,0 +1,175 @@
+"""The dispatch core driven directly: no model, no process, no socket."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdxl_split.encoder_service.job_table import JobState, JobTable
+from sdxl_split.shared.prompts import PromptEntry
+
+A, B = b"denoiser-a", b"denoiser-b"
+IMAGES = [{"file": "x.png", "sha256": "0" * 64}]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+        self.reports: list[str] = []
+
+    def log(self, event: str, work_id: str, **fields) -> None:
+        self.events.append((event, work_id, fields))
+
+    def named(self, event: str) -> list[str]:
+        return [work for name, work, _ in self.events if name == event]
+
+
+def table_with(jobs: int = 3, max_attempts: int = 2, finished=None) -> tuple[JobTable, Recorder]:
+    seen = Recorder()
+    table = JobTable(max_attempts, log=seen.log, report=seen.reports.append, finished=finished)
+    for n in range(jobs):
+        table.add(f"job{n}", PromptEntry(line=n + 1, prompt=f"prompt {n}"), f"key{n}")
+    return table, seen
+
+
+def send_all(table: JobTable) -> list[tuple[str, bytes]]:
+    out = []
+    while (pick := table.pick()) is not None:
+        job, worker = pick
+        table.sent(job, worker)
+        out.append((job.work_id, worker.identity))
+    return out
+
+
+def test_jobs_go_out_only_against_credit_and_a_done_returns_it() -> None:
+    table, seen = table_with(jobs=3)
+    assert table.pick() is None  # nobody attached
+    table.attach(A, "a", credits=2, now=0.0)
+    assert send_all(table) == [("job0", A), ("job1", A)]
+    assert table.counts() == {"queued": 1, "dispatched": 2, "done": 0, "dead": 0}
+    assert table.finish(A, "job0", 1, IMAGES, 1.5)
+    assert send_all(table) == [("job2", A)]
+    assert seen.named("dispatched") == ["job0", "job1", "job2"] and seen.named("done") == ["job0"]
+
+
+def test_the_freest_denoiser_gets_the_next_job() -> None:
+    table, _ = table_with(jobs=3)
+    table.attach(A, "a", credits=1, now=0.0)
+    table.attach(B, "b", credits=2, now=0.0)
+    assert [w for _, w in send_all(table)] == [B, A, B]
+
+
+def test_a_late_done_after_a_requeue_only_returns_its_credit() -> None:
+    table, seen = table_with(jobs=1)
+    table.attach(A, "a", credits=1, now=0.0)
+    send_all(table)
+    table.lose(A, "a missed heartbeats")
+    assert table.jobs["job0"].state is JobState.QUEUED and seen.named("requeued") == ["job0"]
+    table.attach(B, "b", credits=1, now=1.0)
+    assert send_all(table) == [("job0", B)]
+    # A comes back and reports attempt 1, which was re-queued: ignored; B's attempt 2 counts.
+    table.attach(A, "a", credits=1, now=2.0)
+    assert not table.finish(A, "job0", 1, IMAGES, 1.0)
+    assert table.jobs["job0"].state is JobState.DISPATCHED
+    assert table.finish(B, "job0", 2, IMAGES, 1.0) and table.jobs["job0"].state is JobState.DONE
+
+
+def test_a_done_from_a_worker_that_does_not_hold_the_job_is_ignored() -> None:
+    table, seen = table_with(jobs=1)
+    table.attach(A, "a", credits=1, now=0.0)
+    table.attach(B, "b", credits=1, now=0.0)
+    [(_, holder)] = send_all(table)
+    other = B if holder == A else A
+    assert not table.finish(other, "job0", 1, IMAGES, 1.0)
+    assert not table.fail(other, "job0", 1, "lying")
+    assert table.workers[other].credits == 1  # no credit conjured for a job it never held
+    assert table.jobs["job0"].state is JobState.DISPATCHED and seen.named("done") == []
+    assert not table.finish(b"stranger", "job0", 1, IMAGES, 1.0)
+    assert not table.finish(holder, "no-such-job", 1, IMAGES, 1.0)
+
+
+def test_a_failed_job_goes_to_another_denoiser_and_is_dead_lettered_at_the_retry_cap() -> None:
+    table, seen = table_with(jobs=1, max_attempts=2)
+    table.attach(A, "a", credits=1, now=0.0)
+    table.attach(B, "b", credits=1, now=0.0)
+    [(_, first)] = send_all(table)
+    assert table.fail(first, "job0", 1, "CUDA out of memory")
+    [(_, second)] = send_all(table)
+    assert second != first, "a failed job must go to a denoiser that has not failed it"
+    assert table.fail(second, "job0", 2, "CUDA out of memory")
+    assert table.jobs["job0"].state is JobState.DEAD and seen.named("dead_letter") == ["job0"]
+    assert "gave up on line 1" in seen.reports[-1] and table.outstanding == 0
+    assert table.counts()["dead"] == 1
+
+
+def test_a_job_failed_by_the_only_live_denoiser_still_runs_there_but_waits_for_a_fresh_one() -> None:
+    table, _ = table_with(jobs=1, max_attempts=3)
+    table.attach(A, "a", credits=1, now=0.0)
+    send_all(table)
+    table.fail(A, "job0", 1, "flaky")
+    assert send_all(table) == [("job0", A)]  # no one else alive: retry where it failed
+    table.fail(A, "job0", 2, "flaky")
+    table.attach(B, "b", credits=1, now=1.0)
+    assert send_all(table) == [("job0", B)]
+
+
+def test_jobs_lost_again_and_again_are_dead_lettered_with_more_leeway() -> None:
+    table, seen = table_with(jobs=1, max_attempts=2)
+    for attempt in range(1, 5):
+        table.attach(A, "a", credits=1, now=float(attempt))
+        assert send_all(table) == [("job0", A)]
+        table.lose(A, "a died")
+        if attempt < 4:
+            assert table.jobs["job0"].state is JobState.QUEUED
+    assert table.jobs["job0"].state is JobState.DEAD and seen.named("dead_letter") == ["job0"]
+
+
+def test_draining_hands_out_nothing_new_but_accepts_what_is_out() -> None:
+    table, _ = table_with(jobs=3)
+    table.attach(A, "a", credits=1, now=0.0)
+    send_all(table)
+    table.draining = True
+    table.attach(B, "b", credits=5, now=0.0)
+    assert table.pick() is None
+    assert table.in_flight == 1 and table.finish(A, "job0", 1, IMAGES, 1.0) and table.in_flight == 0
+    assert [job.work_id for job in table.leftovers()] == ["job1", "job2"]
+
+
+def test_images_a_previous_run_left_intact_are_not_rendered_again() -> None:
+    finished = {("job1", "/out", "s" * 64): IMAGES}
+    table, seen = table_with(jobs=2, finished=finished)
+    table.attach(A, "a", credits=4, now=0.0, out_dir="/out", settings_id="s" * 64)
+    assert send_all(table) == [("job0", A)]
+    assert table.jobs["job1"].state is JobState.DONE and table.already_done == 1
+    assert table.counts()["done"] == 0  # nothing was rendered in this run
+    # Another folder or other settings would render it afresh.
+    other, _ = table_with(jobs=2, finished=finished)
+    other.attach(A, "a", credits=4, now=0.0, out_dir="/elsewhere", settings_id="s" * 64)
+    assert len(send_all(other)) == 2
+
+
+def test_silent_workers_are_found_and_a_restart_requeues_what_it_held() -> None:
+    table, _ = table_with(jobs=2)
+    table.attach(A, "a", credits=2, now=0.0)
+    table.attach(B, "b", credits=0, now=0.0)
+    send_all(table)
+    table.heard(B, now=5.0)
+    assert [w.identity for w in table.silent(now=5.0, timeout_s=3.0)] == [A]
+    table.attach(A, "a", credits=2, now=6.0)  # READY again: it restarted and lost its jobs
+    assert table.counts()["queued"] == 2 and table.workers[A].inflight == set()
+
+
+def test_unsendable_jobs_are_dead_lettered_and_duplicates_are_added_once() -> None:
+    table, seen = table_with(jobs=1)
+    assert not table.add("job0", PromptEntry(line=9, prompt="again"), "key0")
+    table.attach(A, "a", credits=1, now=0.0)
+    job, _ = table.pick()
+    table.unsendable(job, "cache file deleted")
+    assert job.state is JobState.DEAD and "embeddings unavailable: cache file deleted" in seen.reports[-1]
+    assert table.pick() is None
+
+
+@pytest.mark.parametrize("credits", [1, 3])
+def test_credits_are_never_overdrawn(credits: int) -> None:
+    table, _ = table_with(jobs=10)
+    table.attach(A, "a", credits=credits, now=0.0)
+    assert len(send_all(table)) == credits and table.workers[A].credits == 0
