@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import diffusers
 import torch
 
 from sdxl_split.bench.job import RowJob
 from sdxl_split.bench.timing import WARMUP_STEPS, timed_ms
-from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline, use_scheduler
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES, Embeddings, EncodingSettings, embedding_key
@@ -116,9 +115,7 @@ def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
 def load_monolith(source: ModelSource, config: RenderConfig):
     """The whole SDXL pipeline, text encoders included, as a single-process user would load it."""
     pipe = load_partial_pipeline(source, {}, DTYPES[config.dtype], add_watermarker=False)
-    class_name, overrides, _ = SCHEDULERS[config.scheduler]
-    if type(pipe.scheduler).__name__ != class_name or overrides:
-        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    use_scheduler(pipe, config.scheduler)
     pipe.to(torch.device(config.device))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -44,6 +44,13 @@ def configure_tiling(vae: torch.nn.Module, tile_px: int) -> None:
     vae.tile_latent_min_size = tile_px // scale
 
 
+def use_scheduler(pipe: StableDiffusionXLPipeline, name: str) -> None:
+    """Swap in the --scheduler's class, configured from the model's own scheduler config."""
+    class_name, overrides, _ = SCHEDULERS[name]
+    if type(pipe.scheduler).__name__ != class_name or overrides:
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+
+
 def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
     dtype = DTYPES[config.dtype]
     extra = {}
@@ -51,9 +58,7 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
         # Passing the tiny VAE in means the full VAE's weights are never read.
         extra["vae"] = load_tiny_vae(tiny_vae_location(source, config), dtype)
     pipe = load_partial_pipeline(source, DENOISE_ONLY, dtype, add_watermarker=False, **extra)
-    class_name, overrides, _ = SCHEDULERS[config.scheduler]
-    if type(pipe.scheduler).__name__ != class_name or overrides:
-        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    use_scheduler(pipe, config.scheduler)
     if config.attention == "default":
         pipe.unet.set_default_attn_processor()
         if hasattr(pipe.vae, "set_default_attn_processor"):

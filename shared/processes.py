@@ -29,6 +29,8 @@ def install_stop_handlers(stop: threading.Event) -> None:
         print(f"{signal.Signals(signum).name}: finishing in-flight work; press Ctrl-C again to abort",
               file=sys.stderr, flush=True)
 
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (a service run from a worker thread, e.g. a Ray actor)
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -76,17 +77,23 @@ def _folder_source(spec: str, folder: Path) -> ModelSource:
 
 
 def _ensure_builtin(name: str, cache_dir: Path, announce: Callable[[str], None]) -> Path:
+    """Build a built-in model once, however many processes ask at the same time (`run --denoisers 4` on a fresh
+    machine): one builds under a lock, the others wait for it and use its folder."""
     folder = builtin_model_dir(cache_dir, name)
-    if not (folder / MARKER_FILE).is_file():
+    if (folder / MARKER_FILE).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / MARKER_FILE).is_file():
+            return folder  # built by whoever held the lock before us
+        if folder.exists() and any(folder.iterdir()):
+            raise UserError(f"{folder} exists but is not a complete model (an interrupted build?); remove it "
+                            "and retry")
         announce(f"building the built-in '{name}' model (random weights) into {folder} ...")
         from sdxl_split.shared.models.builder import build_model  # diffusers: only when building
 
-        try:
-            build_model(ARCHITECTURES[name], folder)
-        except FileExistsError:
-            # Another process finished the same build first; its folder is complete once renamed.
-            if not (folder / MARKER_FILE).is_file():
-                raise UserError(f"{folder} exists but is not a complete model; remove it and retry") from None
+        build_model(ARCHITECTURES[name], folder)
     return folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import cli_env, run_cli
+from conftest import cli_env, invoke_cli
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -75,8 +75,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def encode_json(cache: Path, prompts: Path, *flags: str, model: str = "tiny") -> tuple[dict, str]:
-    """Run the real CLI with --json; return its stats and stderr."""
-    done = run_cli("--model", model, "encode", str(prompts), "--json", *flags, cache=cache)
+    """Run the real CLI (in this process) with --json; return its stats and stderr."""
+    done = invoke_cli("--model", model, "encode", str(prompts), "--json", *flags, cache=cache)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["stats"], done.stderr
 
@@ -145,10 +145,7 @@ def reference(tiny_dir: Path):
                     negative_prompt_2=entry.negative_prompt_2, device="cpu", num_images_per_prompt=1,
                     do_classifier_free_guidance=True, clip_skip=clip_skip,
                 )
-            # encode_prompt's return order.
-            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds")
-            memo[(index, clip_skip)] = dict(zip(names, outputs))
+            memo[(index, clip_skip)] = dict(zip(TENSOR_NAMES, outputs))
         return memo[(index, clip_skip)]
 
     return encode
@@ -246,7 +243,7 @@ def test_changing_a_key_input_misses_every_entry(base: dict, tmp_path: Path, cha
     prompts, flags, model = base["prompts"], [], "tiny"
     if change == "model":
         other = tmp_path / "other-tiny"
-        built = run_cli("model", "init", "tiny", str(other), "--seed", "1", cache=cache)
+        built = invoke_cli("model", "init", "tiny", str(other), "--seed", "1", cache=cache)
         assert built.returncode == 0, built.stderr
         model = str(other)
     elif change == "negative_prompt":

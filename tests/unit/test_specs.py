@@ -1,0 +1,66 @@
+"""Frozen configs cross to child processes as JSON and come back equal; a bad spec is refused, not half-read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.render_loop import ModelIdentity
+from sdxl_split.denoiser_service.service import DenoiserSpec, ServeSpec
+from sdxl_split.encoder_service.config import EncodeConfig
+from sdxl_split.encoder_service.dispatcher import LinkConfig
+from sdxl_split.encoder_service.service import EncodeSpec
+from sdxl_split.shared import specs
+from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.wakeup import StopFlag, Wakeup, watch_stop
+
+SOURCE = ModelSource(spec="tiny", kind="folder", location="/m/tiny", config_dir=Path("/m/tiny"), random_weights=True)
+
+
+def test_run_specs_round_trip_through_json() -> None:
+    encode = EncodeSpec(
+        prompts_path=Path("p.txt"), entries=(PromptEntry(line=1, prompt="a cat", seed=3), PromptEntry(2, "dog")),
+        skipped_lines=1, source=SOURCE,
+        settings=EncodingSettings(fingerprint="sha256:x", clip_skip=None, dtype="fp32", force_zeros=True),
+        cache_dir=Path("/c"), config=EncodeConfig(batch_size=2),
+        link=LinkConfig(endpoint="ipc:///tmp/x", curve_dir=None, max_attempts=4), wait_s=30.0)
+    serve = ServeSpec(denoiser=DenoiserSpec(source=SOURCE, identity=ModelIdentity("tiny", "sha256:y"),
+                                            config=RenderConfig(out_dir=Path("o"), steps=4, guidance=6)),
+                      endpoint="ipc:///tmp/x", credits=3, curve_dir=Path("/keys"))
+    assert specs.loads(EncodeSpec, specs.dumps(encode)) == encode
+    assert specs.loads(ServeSpec, specs.dumps(serve)) == serve
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw.update(credits="3"), "credits: expected int"),
+    (lambda raw: raw["denoiser"]["source"].update(kind="ftp"), "not one of"),
+    (lambda raw: raw.update(surprise=1), "unknown field 'surprise'"),
+    (lambda raw: raw.pop("endpoint"), "missing field 'endpoint'"),
+    (lambda raw: raw["denoiser"]["config"].update(steps=True), "expected int"),
+])
+def test_a_spec_that_does_not_fit_is_refused(change, message: str) -> None:
+    serve = ServeSpec(denoiser=DenoiserSpec(SOURCE, ModelIdentity("tiny", "f"), RenderConfig()), endpoint="ipc://x")
+    raw = specs.to_jsonable(serve)
+    change(raw)
+    with pytest.raises(specs.SpecError, match=message):
+        specs.from_jsonable(ServeSpec, raw)
+
+
+def test_a_stop_request_wakes_a_waiting_poll_at_once() -> None:
+    wakeup, stop = Wakeup(), StopFlag()
+    watch_stop(stop, wakeup)
+    poller = zmq.Poller()
+    poller.register(wakeup, zmq.POLLIN)
+    threading.Timer(0.05, stop.set).start()
+    started = time.monotonic()
+    assert dict(poller.poll(10_000)) and time.monotonic() - started < 5.0
+    wakeup.clear()
+    assert not dict(poller.poll(0))
+    wakeup.close()
