@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from sdxl_split.cli.common import check_device, check_endpoint, default_dtype, notice, print_json, resolve
-from sdxl_split.cli.options import command_for, encoding_options, link_options
+from sdxl_split.cli.options import command_for, encoding_options, link_options, threads_option
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -19,12 +19,13 @@ from sdxl_split.shared.settings import GlobalOptions
 @encoding_options
 @click.option("--batch-size", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Prompts per forward pass. 1 is bit-identical to diffusers; more is faster.")
+@threads_option()
 @link_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_obj
 def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
-           encoder_dtype: str | None, encoder_device: str, batch_size: int, bind: str, wait_s: float,
-           curve_dir: Path | None, max_attempts: int, throttle: float, as_json: bool) -> None:
+           encoder_dtype: str | None, encoder_device: str, batch_size: int, threads: int | None, bind: str,
+           wait_s: float, curve_dir: Path | None, max_attempts: int, throttle: float, as_json: bool) -> None:
     """Encode every prompt of PROMPTS into the embedding cache and stream them to denoisers.
 
     PROMPTS is plain text (one prompt per line; blank and # lines skipped) or JSONL with the fields
@@ -42,7 +43,7 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
     from sdxl_split.shared.wakeup import StopFlag
 
     spec = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device, batch_size, bind,
-                       wait_s, curve_dir, max_attempts, throttle)
+                       wait_s, curve_dir, max_attempts, throttle, threads)
     stop = StopFlag()
     install_stop_handlers(stop)
     with tqdm(total=len(spec.entries), unit="prompt", desc="encode", disable=True if as_json else None,
@@ -59,7 +60,7 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
 
 def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
                 encoder_dtype: str | None, encoder_device: str, batch_size: int, bind: str, wait_s: float,
-                curve_dir: Path | None, max_attempts: int, throttle: float = 0.0):
+                curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
     from sdxl_split.encoder_service.config import EncodeConfig
     from sdxl_split.encoder_service.dispatcher import LinkConfig
@@ -71,7 +72,7 @@ def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None,
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
     device = check_device(encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=default_dtype(device, encoder_dtype), clip_skip=clip_skip,
-                          batch_size=batch_size)
+                          batch_size=batch_size, threads=threads)
     check_endpoint(bind, "--bind")
     if curve_dir is None and not is_loopback(bind):
         notice(f"warning: {bind} is reachable from other hosts and --curve is off: anyone who can reach it "

@@ -64,6 +64,12 @@ def max_attempts_option():
                         help="A job that fails (or kills its denoiser) this many times is dead-lettered.")
 
 
+def threads_option():
+    return click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                        help="CPU threads for torch in this process [default: one per core]; lower it when "
+                             "another process shares the CPU (`run` splits the cores by itself).")
+
+
 def credits_option():
     return click.option("--credits", type=click.IntRange(1, 64), default=2, show_default=True,
                         help="Jobs a denoiser holds at once; 2 keeps the next job's embeddings local while one "

@@ -16,6 +16,7 @@ from sdxl_split.cli.options import (
     encoding_options,
     render_config_from,
     render_options,
+    threads_option,
 )
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
@@ -33,12 +34,14 @@ MAX_LISTED = 10
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="CurveZMQ keys of this GPU box: its denoisers/NAME/ folder from `keys init`.")
 @click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: sleep before each job.")
+@threads_option()
 @encoding_options
 @render_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_context
 def render(ctx: click.Context, prompts: Path | None, connect: str | None, credits: int, serve: bool,
-           curve_dir: Path | None, job_delay: float, negative_prompt: str | None, clip_skip: int | None,
+           curve_dir: Path | None, job_delay: float, threads: int | None, negative_prompt: str | None,
+           clip_skip: int | None,
            encoder_dtype: str | None, encoder_device: str, as_json: bool, **kw) -> None:
     """Render images with the UNet and a VAE only; no text encoder is ever loaded.
 
@@ -55,7 +58,8 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     opts: GlobalOptions = ctx.obj
     config = render_config_from(kw)
     if prompts is None:
-        serve_stream(opts, denoiser_spec(opts, config), connect, credits, serve, curve_dir, job_delay, as_json)
+        serve_stream(opts, denoiser_spec(opts, config, threads=threads), connect, credits, serve, curve_dir,
+                     job_delay, as_json)
         return
     if ctx.get_parameter_source("connect") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
@@ -66,7 +70,7 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     from sdxl_split.shared.prompts import parse_prompt_file
 
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
-    spec = denoiser_spec(opts, config)
+    spec = denoiser_spec(opts, config, threads=threads)
     settings = encoding_settings(spec.source, opts.cache_dir, default_dtype(encoder_device, encoder_dtype), clip_skip)
     jobs, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
@@ -94,12 +98,13 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
         sys.exit(EXIT_SOME_FAILED)
 
 
-def denoiser_spec(opts: GlobalOptions, config, source=None):
+def denoiser_spec(opts: GlobalOptions, config, source=None, threads: int | None = None):
     """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
     from sdxl_split.denoiser_service.service import DenoiserSpec, model_identity
 
     source = source or resolve(opts)
-    return DenoiserSpec(source=source, identity=model_identity(opts.model, source, opts.cache_dir), config=config)
+    return DenoiserSpec(source=source, identity=model_identity(opts.model, source, opts.cache_dir), config=config,
+                        threads=threads)
 
 
 def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, serve: bool, curve_dir: Path | None,

@@ -19,7 +19,7 @@ from sdxl_split.cli.options import (
     render_options,
 )
 from sdxl_split.cli.render_cmd import denoiser_spec
-from sdxl_split.shared.errors import EXIT_SOME_FAILED, UserError
+from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
 # The encoder waits this long for its denoisers (already loaded when it starts) to come back.
@@ -49,33 +49,42 @@ def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_at
     from sdxl_split.denoiser_service.service import ServeSpec
     from sdxl_split.denoiser_service.service import child_main as denoiser_main
     from sdxl_split.encoder_service.service import child_main as encoder_main
+    from sdxl_split.encoder_service.service import some_failed
     from sdxl_split.shared import specs
     from sdxl_split.shared.processes import describe_exit
     from sdxl_split.shared.supervisor import ChildSpec, supervise
+    from sdxl_split.shared.threads import shares
 
     config = render_config_from(kw)
     workdir = Path(tempfile.mkdtemp(prefix="sdxl-split-"))
     try:
         endpoint = f"ipc://{workdir}/link.ipc"
         # Everything is checked and resolved here, once: the children get frozen specs, not command lines.
+        on_cpu = int(encoder_device == "cpu") + (denoisers if config.device == "cpu" else 0)
+        cpu_threads, gpu_threads = shares(on_cpu, 0 if config.device == "cpu" else denoisers)
         encoding = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device,
                                batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S, curve_dir=None,
-                               max_attempts=max_attempts)
-        serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source), endpoint=endpoint,
-                            credits=credits)
+                               max_attempts=max_attempts,
+                               threads=cpu_threads if encoder_device == "cpu" else gpu_threads)
+        serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source,
+                                                   threads=cpu_threads if config.device == "cpu" else gpu_threads),
+                            endpoint=endpoint, credits=credits)
         outcome = supervise(
             [ChildSpec(f"denoiser-{n}", denoiser_main, specs.dumps(serving), opts.verbosity) for n in range(denoisers)],
             ChildSpec("encoder", encoder_main, specs.dumps(encoding), opts.verbosity), notice=notice)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    children = outcome.children
-    _print_side_by_side(children)
-    crashed = [c for c in children if c.process.exitcode not in (0, EXIT_SOME_FAILED)]
-    for child in crashed:
-        click.echo(f"{child.name} {describe_exit(child.process.exitcode)}", err=True)
-    if crashed:
-        raise UserError(f"{len(crashed)} process(es) failed; see above")
-    if children[-1].process.exitcode or outcome.interrupted:
+    _print_side_by_side(outcome.children)
+    summary = outcome.encoder.result
+    for child in outcome.children:
+        if child.process.exitcode not in (0, EXIT_SOME_FAILED):
+            # Its jobs went to the others; whether that cost anything shows in the encoder's summary.
+            click.echo(f"warning: {child.name} {describe_exit(child.process.exitcode)}", err=True)
+    if summary is None:
+        click.echo("error: the encoder stopped before it could report; re-run the same command to finish", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+    click.echo(f"images in {config.out_dir}")
+    if outcome.interrupted or some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
 
 

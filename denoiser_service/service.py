@@ -22,6 +22,7 @@ from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint
 from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.threads import use_threads
 
 Notice = Callable[[str], None]
 
@@ -33,6 +34,8 @@ class DenoiserSpec:
     source: ModelSource
     identity: ModelIdentity
     config: RenderConfig
+    # torch CPU threads for this process; None: one per core.
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def render_jobs(spec: DenoiserSpec, jobs: list[RenderJob], notice: Notice,
                 on_images: Callable[[int], None] = lambda n: None,
                 on_error: Callable[[PromptEntry, str], None] = lambda entry, reason: None) -> CacheRender:
     """Render each job (or find its images already there); a job that fails is reported and the rest go on."""
+    use_threads(spec.threads)
     meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
     renderer = Renderer(denoiser_loader(spec, meter, notice), OutputDir(spec.config.out_dir))
     result = CacheRender(stats=renderer.stats, memory={})
@@ -140,6 +144,7 @@ def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
     from sdxl_split.denoiser_service.worker import Worker, WorkerConfig
 
     config = spec.denoiser.config
+    use_threads(spec.denoiser.threads)
     meter = MemoryMeter(cuda_device=cuda_index(config.device))
     # The renderer loads the UNet on first use; load() below is that first use, run on the render thread.
     renderer = Renderer(denoiser_loader(spec.denoiser, meter, notice), OutputDir(config.out_dir))

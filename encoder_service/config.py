@@ -13,3 +13,5 @@ class EncodeConfig:
     # 1 keeps the tensors bit-identical to diffusers' one-prompt encode_prompt; larger batches are
     # faster but batched matmuls may differ in the last bit.
     batch_size: int = 1
+    # torch CPU threads for this process; None: one per core.
+    threads: int | None = None

@@ -22,6 +22,7 @@ from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.threads import use_threads
 
 Notice = Callable[[str], None]
 
@@ -54,6 +55,7 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
                 on_bound: Callable[[], None] = lambda: None) -> dict:
     """Encode (or read from the cache) every prompt, stream the jobs to denoisers, and summarise."""
     config = spec.config
+    use_threads(config.threads)
     cache = EmbeddingCache(spec.cache_dir / "embeddings")
     journal = Journal(spec.journal_path)
     meter = MemoryMeter(cuda_device=cuda_index(config.device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,9 @@ from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES
 from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
+
+# Distinct negative prompts kept encoded (least recently used dropped first): a run shares one or a few.
+MAX_REMEMBERED_NEGATIVES = 32
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,10 @@ class TextSide:
         self.pipe = load_partial_pipeline(source, TEXT_ONLY, DTYPES[dtype], add_watermarker=False)
         self.pipe.to(self.device)
         self.tokenizers = [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2) if t is not None]
+        # (negative_prompt, negative_prompt_2) -> (negative_prompt_embeds, negative_pooled_prompt_embeds), each
+        # [1, ...]. diffusers encodes the negative in forward passes of its own, which never see the positive
+        # prompt, so one encoding of a run's shared negative serves every prompt, bit for bit.
+        self._negatives: OrderedDict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _dropped_tail(self, text: str | None) -> str:
         """What CLIP's truncation drops, decoded the way diffusers reports it."""
@@ -38,12 +46,26 @@ class TextSide:
                 return tokenizer.batch_decode(ids[:, tokenizer.model_max_length - 1 : -1])[0]
         return ""
 
+    def _remember(self, pair: tuple[str, str | None], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        if pair in self._negatives:
+            self._negatives.move_to_end(pair)
+            return
+        self._negatives[pair] = (embeds.detach().clone(), pooled.detach().clone())
+        if len(self._negatives) > MAX_REMEMBERED_NEGATIVES:
+            self._negatives.popitem(last=False)
+
     @torch.inference_mode()
     def encode(self, entries: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
         """Encode prompts that share one negative mode (all given, or all absent) in one forward pass."""
         has_negative = entries[0].negative_prompt is not None
         if any((e.negative_prompt is not None) != has_negative for e in entries):
             raise ValueError("a batch must not mix prompts with and without a negative prompt")
+        negatives = [(e.negative_prompt, e.negative_prompt_2 or e.negative_prompt) for e in entries]
+        known = has_negative and all(pair in self._negatives for pair in negatives)
+        reused = {}
+        if known:
+            reused = {"negative_prompt_embeds": torch.cat([self._negatives[pair][0] for pair in negatives]),
+                      "negative_pooled_prompt_embeds": torch.cat([self._negatives[pair][1] for pair in negatives])}
         outputs = self.pipe.encode_prompt(
             prompt=[e.prompt for e in entries],
             prompt_2=[e.prompt_2 or e.prompt for e in entries],
@@ -59,7 +81,11 @@ class TextSide:
                 else None
             ),
             clip_skip=clip_skip,
+            **{name: tensor.to(self.device) for name, tensor in reused.items()},
         )
+        if has_negative:
+            for row, pair in enumerate(negatives):
+                self._remember(pair, outputs[1][row : row + 1], outputs[3][row : row + 1])
         results = []
         for row, entry in enumerate(entries):
             tensors = {name: out[row : row + 1].detach().to("cpu").clone() for name, out in zip(TENSOR_NAMES, outputs)}

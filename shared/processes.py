@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
@@ -67,8 +68,17 @@ class ChildHooks:
 def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0) -> None:
     """The preamble every child of `run` shares: die with the parent, quiet libraries, and turn any failure
     into one line on stderr plus an exit code, as the CLI does (the parent names the child that failed)."""
+    # Its own process group: a Ctrl-C in the terminal reaches only `run`, which forwards one SIGTERM to each
+    # child, so a drain is the same whether the signal went to the group or to `run` alone.
+    os.setpgrp()
     die_with_parent()
+    import tqdm
+
     from sdxl_split.shared.quiet import quiet_libraries
+
+    # tqdm guards its writes with a multiprocessing lock by default: a semaphore that a child killed mid-run
+    # leaves behind, for the resource tracker to warn about. A thread lock is all one process needs.
+    tqdm.tqdm.set_lock(threading.RLock())
 
     quiet_libraries(verbosity)
     hooks = ChildHooks(ready=lambda: send_json(conn, {"ready": True}),
@@ -130,14 +140,13 @@ def describe_exit(code: int | None) -> str:
     if code is None:
         return "is still running"
     if code < 0:
-        sig = signal.Signals(-code).name
-        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if sig == "SIGKILL" else ""
-        return f"was killed by {sig}{hint}"
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
     return f"exited with code {code}"
 
 
 def wait_until_ready(children: list[Child], timeout_s: float) -> None:
-    """Wait for every child's readiness while checking it is alive, so a crash is a message, not a hang."""
+    """Wait for every child's readiness while watching it is alive, so a crash is a message, not a hang. Wakes
+    on each message or exit (no polling interval)."""
     deadline = time.monotonic() + timeout_s
     while True:
         for child in children:
@@ -146,8 +155,24 @@ def wait_until_ready(children: list[Child], timeout_s: float) -> None:
                 child.poll_messages()
                 if not child.ready:
                     raise UserError(f"{child.name} {describe_exit(child.process.exitcode)} before it was ready")
-        if all(child.ready for child in children):
+        waiting = [child for child in children if not child.ready]
+        if not waiting:
             return
-        if time.monotonic() > deadline:
-            raise UserError(f"{', '.join(c.name for c in children if not c.ready)} not ready after {timeout_s:.0f} s")
-        time.sleep(0.05)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UserError(f"{', '.join(c.name for c in waiting)} not ready after {timeout_s:.0f} s")
+        mp_connection.wait([c.conn for c in waiting] + [c.process.sentinel for c in waiting], timeout=left)
+
+
+def wait_for_exit(children: list[Child], timeout_s: float | None = None) -> list[Child]:
+    """Wait for all of them together under one deadline (None: for as long as it takes); returns those still
+    running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while running := [c for c in children if c.process.is_alive()]:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        mp_connection.wait([c.process.sentinel for c in running], timeout=left)
+    for child in children:
+        child.poll_messages()
+    return [c for c in children if c.process.is_alive()]

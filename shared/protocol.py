@@ -25,24 +25,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import zmq
 
-from sdxl_split.shared.embeddings import EmbeddingFormatError, Embeddings, decode_embeddings
-from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
-from sdxl_split.shared.wire_fields import (
-    ProtocolError,
-    entry_field,
-    entry_json,
-    exact_keys,
-    filename_field,
-    hex64_field,
-    int_field,
-    seconds_field,
-    str_field,
+from sdxl_split.shared.embeddings import EmbeddingFormatError, decode_embeddings
+from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part of this module's interface)
+    MAX_CREDITS,
+    MAX_DEVICE_CHARS,
+    MAX_IMAGES,
+    MAX_PATH_CHARS,
+    MAX_REASON_CHARS,
+    MAX_WORKER_CHARS,
+    MESSAGE_TYPES,
+    Bye,
+    Dead,
+    Done,
+    Error,
+    Heartbeat,
+    ImageDone,
+    Job,
+    Message,
+    Ready,
+    reason_text,
 )
+from sdxl_split.shared.wire_fields import ProtocolError, entry_field, exact_keys, hex64_field, int_field
 
 PROTOCOL_ID = "sdxl-split"
 PROTOCOL_VERSION = 1
@@ -54,220 +61,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3
 HIGH_WATER_MARK = 1000
 LINGER_MS = 1000
-MAX_REASON_CHARS = 2000
-MAX_WORKER_CHARS = 128
-MAX_DEVICE_CHARS = 64
-MAX_CREDITS = 64
-MAX_IMAGES = MAX_COUNT
-MAX_PATH_CHARS = 4096
 _ENVELOPE = ("proto", "v", "type")
 
 
-# ---- the closed set of message types ----
-
-
-class _Message:
-    """A message's JSON header is its dataclass fields (or HEADER_FIELDS), so there is no table to keep in step."""
-
-    TYPE = ""
-
-    @classmethod
-    def header_fields(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-
-    def _header(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.header_fields()}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Any:
-        # The constructor's __post_init__ checks every field's type and range.
-        return cls(**{name: h[name] for name in cls.header_fields()})
-
-
-@dataclass(frozen=True)
-class Ready(_Message):
-    """A denoiser announces itself and how many jobs it will hold at once."""
-
-    credits: int
-    worker: str
-    pid: int
-    device: str
-    # Where its images land, as the denoiser sees it; the encoder's journal records it so a re-run on
-    # the same host can check finished images by hash without asking anyone.
-    out_dir: str = ""
-    # Digest of the settings that decide its pixels (size, steps, model...): with out_dir, tells the
-    # encoder whether images a previous run journaled are the ones this denoiser would make.
-    settings_id: str = ""
-
-    TYPE = "READY"
-
-    def __post_init__(self) -> None:
-        int_field(self.credits, "credits", 1, MAX_CREDITS)
-        str_field(self.worker, "worker", 1, MAX_WORKER_CHARS)
-        int_field(self.pid, "pid", 0)
-        str_field(self.device, "device", 1, MAX_DEVICE_CHARS)
-        str_field(self.out_dir, "out_dir", 0, MAX_PATH_CHARS)
-        if self.settings_id:
-            hex64_field(self.settings_id, "settings_id")
-
-
-# eq=False: the record holds tensors, whose == is elementwise and has no truth value.
-@dataclass(frozen=True, eq=False)
-class Job(_Message):
-    """One prompt's batch to render, with its embedding record; `payload` is the record's safetensors bytes.
-    `work_id` is the encoder's id for the job (shared.jobs.work_id); a denoiser names files by its own."""
-
-    work_id: str
-    attempt: int
-    entry: PromptEntry
-    # Kept out of repr: megabytes of tensors and bytes would bury the job's identity in logs.
-    record: Embeddings = field(repr=False)
-    payload: bytes = field(repr=False)
-
-    TYPE = "JOB"
-
-    def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
-        int_field(self.attempt, "attempt", 1)
-        if not isinstance(self.entry, PromptEntry):
-            raise ProtocolError("entry must be a PromptEntry")
-        entry_field(self.entry, "entry")
-        if not isinstance(self.record, Embeddings):
-            raise ProtocolError("record must be an Embeddings record")
-        hex64_field(self.record.key, "embedding_key")
-        if not isinstance(self.payload, bytes):
-            raise ProtocolError("payload must be bytes")
-        # A job whose prompt texts differ from its embeddings would render one prompt and label it another.
-        if self.entry.texts() != self.record.texts:
-            raise ProtocolError("entry texts do not match the texts the embeddings were made from")
-
-    @classmethod
-    def header_fields(cls) -> tuple[str, ...]:
-        # The record travels as the second frame; its key in the header lets the receiver check it.
-        return ("work_id", "attempt", "embedding_key", "entry")
-
-    @classmethod
-    def build(cls, work_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
-              payload: bytes | None = None) -> Job:
-        """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
-        (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
-        return cls(work_id=work_id, attempt=attempt, entry=entry, record=record,
-                   payload=record.to_bytes() if payload is None else payload)
-
-    def _header(self) -> dict[str, Any]:
-        return {"work_id": self.work_id, "attempt": self.attempt, "embedding_key": self.record.key,
-                "entry": entry_json(self.entry)}
-
-
-@dataclass(frozen=True)
-class ImageDone:
-    """One finished image: its file name in the output folder and the sha256 of its bytes."""
-
-    file: str
-    sha256: str
-
-    def __post_init__(self) -> None:
-        filename_field(self.file, "file")
-        hex64_field(self.sha256, "sha256")
-
-
-@dataclass(frozen=True)
-class Done(_Message):
-    """A job finished; returns one credit."""
-
-    work_id: str
-    attempt: int
-    images: tuple[ImageDone, ...]
-    seconds: float
-
-    TYPE = "DONE"
-
-    def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
-        int_field(self.attempt, "attempt", 1)
-        if not isinstance(self.images, tuple) or not all(isinstance(i, ImageDone) for i in self.images):
-            raise ProtocolError("images must be a tuple of ImageDone")
-        if len(self.images) > MAX_IMAGES:
-            raise ProtocolError(f"images must hold at most {MAX_IMAGES} entries, got {len(self.images)}")
-        if len({i.file for i in self.images}) != len(self.images):
-            raise ProtocolError("images name the same file more than once")
-        # JSON may carry a whole number of seconds as an int; keep the field a float either way.
-        object.__setattr__(self, "seconds", seconds_field(self.seconds, "seconds"))
-
-    def _header(self) -> dict[str, Any]:
-        return {**super()._header(), "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
-
-    @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Done:
-        raw = h["images"]
-        if not isinstance(raw, list):
-            raise ProtocolError("images must be a list")
-        if len(raw) > MAX_IMAGES:
-            raise ProtocolError(f"images must hold at most {MAX_IMAGES} entries, got {len(raw)}")
-        images = []
-        for n, item in enumerate(raw):
-            if not isinstance(item, dict):
-                raise ProtocolError(f"images[{n}] must be an object")
-            exact_keys(item, ("file", "sha256"), f"images[{n}]")
-            images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
-        return cls(work_id=h["work_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
-
-
-@dataclass(frozen=True)
-class Error(_Message):
-    """A job failed on this attempt; returns one credit. The encoder decides whether to retry."""
-
-    work_id: str
-    attempt: int
-    reason: str
-
-    TYPE = "ERROR"
-
-    def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
-        int_field(self.attempt, "attempt", 1)
-        str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
-
-
-@dataclass(frozen=True)
-class Heartbeat(_Message):
-    """I am alive; sent every HEARTBEAT_INTERVAL_S in both directions."""
-
-    TYPE = "HEARTBEAT"
-
-
-@dataclass(frozen=True)
-class Dead(_Message):
-    """The sender hit an unrecoverable failure and is stopping; the peer need not wait for heartbeats to lapse."""
-
-    reason: str
-
-    TYPE = "DEAD"
-
-    def __post_init__(self) -> None:
-        str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
-
-
-@dataclass(frozen=True)
-class Bye(_Message):
-    """Orderly shutdown: the sender will send nothing more."""
-
-    reason: str = ""
-
-    TYPE = "BYE"
-
-    def __post_init__(self) -> None:
-        str_field(self.reason, "reason", 0, MAX_REASON_CHARS)
-
-
-Message = Ready | Job | Done | Error | Heartbeat | Dead | Bye
-MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Heartbeat, Dead, Bye)
 _BY_TYPE: dict[str, type] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
-
-
-def reason_text(text: str) -> str:
-    """A free-text reason cut to what the protocol carries (a reason must not be empty)."""
-    return text[:MAX_REASON_CHARS] or "unknown"
 
 
 # ---- encode / decode ----

@@ -1,5 +1,6 @@
-"""Runs a set of child processes for `run`: denoisers first, then the encoder once they hold their models; waits
-for them together, and turns Ctrl-C or SIGTERM into a drain. It knows the children only as entry points."""
+"""Runs a set of child processes for `run`: the encoder and the denoisers start together, readiness is awaited
+while watching each one is alive, and Ctrl-C or SIGTERM (to the group or to this process alone) becomes one
+SIGTERM per child: a drain. It knows the children only as entry points."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdxl_split.shared.processes import Child, spawn_child, wait_until_ready
+from sdxl_split.shared.processes import Child, spawn_child, wait_for_exit, wait_until_ready
 
 READY_TIMEOUT_S = 1800.0
-DRAIN_TIMEOUT_S = 30.0
+# After the encoder has finished: denoisers answer its BYE, or finish their drain, within this.
+EXIT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -29,45 +31,52 @@ class ChildSpec:
 
 @dataclass
 class Outcome:
-    children: list[Child]
+    encoder: Child
+    denoisers: list[Child]
     interrupted: bool
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.denoisers, self.encoder]
+
+
+def _terminate(children: list[Child]) -> None:
+    for child in children:
+        if child.process.is_alive() and child.process.pid:
+            os.kill(child.process.pid, signal.SIGTERM)
 
 
 def supervise(denoisers: list[ChildSpec], encoder: ChildSpec, notice: Callable[[str], None]) -> Outcome:
-    children: list[Child] = []
-    outcome = Outcome(children, interrupted=False)
+    started: list[Child] = []
+    interrupted = False
 
     def forward(signum, frame) -> None:
-        if outcome.interrupted:
-            raise KeyboardInterrupt
-        outcome.interrupted = True
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt  # the second one: the finally below stops every child now
+        interrupted = True
         notice("stopping: children finish in-flight images; Ctrl-C again to abort")
-        if signum == signal.SIGINT:
-            return  # Ctrl-C already reached every child (one process group); a second signal would abort them
-        for child in children:
-            if child.process.is_alive() and child.process.pid:
-                os.kill(child.process.pid, signal.SIGTERM)
+        _terminate(started)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        children.extend(spec.start() for spec in denoisers)
-        # The encoder starts once the denoisers hold their models, so none misses its BYE.
-        wait_until_ready(children, READY_TIMEOUT_S)
-        children.append(encoder.start())
-        wait_until_ready(children, READY_TIMEOUT_S)
-        children[-1].process.join()
-        for child in children:
-            child.process.join(timeout=DRAIN_TIMEOUT_S)
-            if child.process.is_alive() and child.process.pid:
-                os.kill(child.process.pid, signal.SIGTERM)  # missed the BYE: drain and exit
-                child.process.join(timeout=DRAIN_TIMEOUT_S)
-        for child in children:
+        # All at once: the encoder imports, binds and encodes while the denoisers load their models. One that
+        # is still loading when the encoder has finished is told to stop below.
+        started.extend(spec.start() for spec in denoisers)
+        started.append(encoder.start())
+        wait_until_ready(started, READY_TIMEOUT_S)
+        wait_for_exit([started[-1]])
+        # The encoder is done: every job is rendered, failed or left. Denoisers that answered its BYE have sent
+        # their result and are exiting; one that never attached (still loading, say) is told to stop.
+        for child in started[:-1]:
             child.poll_messages()
+        _terminate([child for child in started[:-1] if child.result is None])
+        wait_for_exit(started, EXIT_TIMEOUT_S)
     finally:
-        for child in children:
+        for child in started:
             if child.process.is_alive():
-                child.process.terminate()
-                child.process.join(timeout=10)
+                child.process.kill()
+        wait_for_exit(started, 10.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return outcome
+    return Outcome(encoder=started[-1], denoisers=started[:-1], interrupted=interrupted)
