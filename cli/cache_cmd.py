@@ -105,14 +105,23 @@ def ls(opts: GlobalOptions, as_json: bool) -> None:
 
 @cache.command("verify")
 @click.option("--delete-bad", is_flag=True, help="Remove every file that fails the check.")
-@click.pass_obj
-def verify(opts: GlobalOptions, delete_bad: bool) -> None:
+@click.pass_context
+def verify(ctx: click.Context, delete_bad: bool) -> None:
     """Fully check every file: layout, metadata, key and tensors.
 
-    Exits 1 if any file was bad, also when --delete-bad removed them (the next encode re-creates them).
+    With an explicit --model (`sdxl-split --model M cache verify`), also check that the embeddings are as
+    wide as that model's text encoders make them. Exits 1 if any file was bad, also when --delete-bad
+    removed them (the next encode re-creates them).
     """
+    opts: GlobalOptions = ctx.obj
+    widths = None
+    if ctx.parent is not None and ctx.parent.get_parameter_source("model") != click.core.ParameterSource.DEFAULT:
+        from sdxl_split.cli.common import resolve
+        from sdxl_split.shared.models.resolve import text_widths
+
+        widths = text_widths(resolve(opts))
     store = EmbeddingCache(opts.embeddings_dir)
-    report = store.verify(delete_bad=delete_bad)
+    report = store.verify(delete_bad=delete_bad, widths=widths)
     for _, problem in report.bad:
         click.echo(f"BAD {problem}")
     deleted = f", {report.deleted} deleted" if report.deleted else ""

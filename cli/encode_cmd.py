@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from sdxl_split.cli.common import check_device, check_endpoint, default_dtype, notice, print_json, resolve
 from sdxl_split.cli.options import command_for, encoding_options, link_options, threads_option
@@ -25,7 +24,8 @@ from sdxl_split.shared.settings import GlobalOptions
 @click.pass_obj
 def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
            encoder_dtype: str | None, encoder_device: str, batch_size: int, threads: int | None, bind: str,
-           wait_s: float, curve_dir: Path | None, max_attempts: int, throttle: float, as_json: bool) -> None:
+           wait_s: float, curve_dir: Path | None, max_attempts: int, job_timeout: float | None, throttle: float,
+           as_json: bool) -> None:
     """Encode every prompt of PROMPTS into the embedding cache and stream them to denoisers.
 
     PROMPTS is plain text (one prompt per line; blank and # lines skipped) or JSONL with the fields
@@ -38,17 +38,18 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
     Exit codes: 0 all done (or no denoiser came: the cache is filled), 2 bad input, 3 some jobs
     failed or were left unrendered.
     """
+    from sdxl_split.encoder_service.progress import EncodeProgress
     from sdxl_split.encoder_service.service import run_encoder, some_failed
     from sdxl_split.shared.processes import install_stop_handlers
     from sdxl_split.shared.wakeup import StopFlag
 
     spec = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device, batch_size, bind,
-                       wait_s, curve_dir, max_attempts, throttle, threads)
+                       wait_s, curve_dir, max_attempts, throttle, threads, job_timeout)
     stop = StopFlag()
     install_stop_handlers(stop)
-    with tqdm(total=len(spec.entries), unit="prompt", desc="encode", disable=True if as_json else None,
-              leave=False) as bar:
-        summary = run_encoder(spec, stop, notice=lambda m: tqdm.write(m, file=sys.stderr), on_progress=bar.update)
+    with EncodeProgress(len(spec.entries), disable=as_json) as progress:
+        summary = run_encoder(spec, stop, notice=progress.notice, on_progress=progress.encoded,
+                              on_event=progress.event)
     if as_json:
         print_json(summary)
     else:
@@ -60,7 +61,8 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
 
 def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
                 encoder_dtype: str | None, encoder_device: str, batch_size: int, bind: str, wait_s: float,
-                curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None):
+                curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None,
+                job_timeout: float | None = None):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
     from sdxl_split.encoder_service.config import EncodeConfig
     from sdxl_split.encoder_service.dispatcher import LinkConfig
@@ -70,6 +72,8 @@ def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None,
     from sdxl_split.shared.security import is_loopback
 
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
+    for warning in prompt_file.warnings:
+        notice(f"warning: {warning}")
     device = check_device(encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=default_dtype(device, encoder_dtype), clip_skip=clip_skip,
                           batch_size=batch_size, threads=threads)
@@ -81,7 +85,8 @@ def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None,
     return EncodeSpec(
         prompts_path=prompts, entries=prompt_file.entries, skipped_lines=prompt_file.skipped_lines, source=source,
         settings=encoding_settings(source, opts.cache_dir, config.dtype, config.clip_skip), cache_dir=opts.cache_dir,
-        config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts),
+        config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts,
+                                       job_timeout_s=job_timeout),
         wait_s=wait_s, throttle_s=throttle)
 
 

@@ -16,7 +16,7 @@ from importlib.metadata import version  # noqa: E402
 
 import click  # noqa: E402
 
-from sdxl_split.shared.errors import UserError  # noqa: E402
+from sdxl_split.shared.errors import UserError, os_error_line  # noqa: E402
 from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
 from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
 
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as err:  # an unusable --cache-dir or --out, a full disk, a permission
-        where = f": {err.filename}" if err.filename else ""
-        click.echo(f"error: {err.strerror or err}{where}", err=True)
+        click.echo(os_error_line(err), err=True)
         sys.exit(1)
     except Exception as err:  # a bug, not bad input: keep it short unless asked
         if "-vv" in (argv or sys.argv):

@@ -54,6 +54,7 @@ def link_options(func):
         click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Encrypt and authenticate with CurveZMQ: the encoder/ folder from `keys init`."),
         max_attempts_option(),
+        job_timeout_option(),
         click.option("--throttle", type=float, default=0.0, hidden=True,
                      help="Test hook: seconds to serve the link after each prompt."),
     ])
@@ -68,6 +69,13 @@ def threads_option():
     return click.option("--threads", type=click.IntRange(1, 1024), default=None,
                         help="CPU threads for torch in this process [default: one per core]; lower it when "
                              "another process shares the CPU (`run` splits the cores by itself).")
+
+
+def job_timeout_option():
+    return click.option("--job-timeout", type=click.FloatRange(min=1), default=None,
+                        help="Seconds a denoiser may hold jobs without finishing one before they go to another "
+                             "denoiser and it is dropped (a hung render) [default: 10x that denoiser's slowest job, "
+                             "at least 120 s; 1800 s for its first, which may compile].")
 
 
 def credits_option():
@@ -116,6 +124,9 @@ def render_options(func):
         click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                      help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it)."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),
+        click.option("--metadata", type=click.Choice(["a1111", "full"]), default="a1111", show_default=True,
+                     help="a1111: PNGs name the model as A1111 does (hub id, checkpoint stem or folder name, with "
+                          "its AutoV2 hash); full: also the --model value itself, local paths included."),
     ])
 
 

@@ -34,13 +34,15 @@ MAX_LISTED = 10
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="CurveZMQ keys of this GPU box: its denoisers/NAME/ folder from `keys init`.")
 @click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: sleep before each job.")
+@click.option("--hang-on-job", type=int, default=0, hidden=True, help="Test hook: the Nth job's render hangs.")
 @threads_option()
 @encoding_options
 @render_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_context
 def render(ctx: click.Context, prompts: Path | None, connect: str | None, credits: int, serve: bool,
-           curve_dir: Path | None, job_delay: float, threads: int | None, negative_prompt: str | None,
+           curve_dir: Path | None, job_delay: float, hang_on_job: int, threads: int | None,
+           negative_prompt: str | None,
            clip_skip: int | None,
            encoder_dtype: str | None, encoder_device: str, as_json: bool, **kw) -> None:
     """Render images with the UNet and a VAE only; no text encoder is ever loaded.
@@ -58,8 +60,8 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     opts: GlobalOptions = ctx.obj
     config = render_config_from(kw)
     if prompts is None:
-        serve_stream(opts, denoiser_spec(opts, config, threads=threads), connect, credits, serve, curve_dir,
-                     job_delay, as_json)
+        spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
+        serve_stream(opts, spec, connect, credits, serve, curve_dir, job_delay, hang_on_job, as_json)
         return
     if ctx.get_parameter_source("connect") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
@@ -70,7 +72,10 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     from sdxl_split.shared.prompts import parse_prompt_file
 
     prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
-    spec = denoiser_spec(opts, config, threads=threads)
+    for warning in prompt_file.warnings:
+        notice(f"warning: {warning}")
+    check_seeds(prompts, prompt_file.entries, config)
+    spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
     settings = encoding_settings(spec.source, opts.cache_dir, default_dtype(encoder_device, encoder_dtype), clip_skip)
     jobs, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
@@ -98,17 +103,29 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
         sys.exit(EXIT_SOME_FAILED)
 
 
-def denoiser_spec(opts: GlobalOptions, config, source=None, threads: int | None = None):
+def check_seeds(path: Path, entries, config) -> None:
+    """A line's own seed with this run's image count must stay in range (image i uses seed+i)."""
+    from sdxl_split.shared.errors import UserError
+    from sdxl_split.shared.prompts import MAX_SEED
+
+    for entry in entries:
+        if entry.seed is not None and entry.seed + (entry.count or config.images_per_prompt) - 1 > MAX_SEED:
+            raise UserError(f"{path}:{entry.line}: seed {entry.seed} with "
+                            f"{entry.count or config.images_per_prompt} images would go past {MAX_SEED}")
+
+
+def denoiser_spec(opts: GlobalOptions, config, source=None, threads: int | None = None,
+                  metadata: str = "a1111"):
     """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
     from sdxl_split.denoiser_service.service import DenoiserSpec, model_identity
 
     source = source or resolve(opts)
-    return DenoiserSpec(source=source, identity=model_identity(opts.model, source, opts.cache_dir), config=config,
-                        threads=threads)
+    identity = model_identity(source, opts.cache_dir, full_metadata=metadata == "full")
+    return DenoiserSpec(source=source, identity=identity, config=config, threads=threads)
 
 
 def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, serve: bool, curve_dir: Path | None,
-                 job_delay: float, as_json: bool) -> None:
+                 job_delay: float, hang_on_job: int, as_json: bool) -> None:
     """Take jobs from a live encoder until it says BYE (or forever with --serve)."""
     from sdxl_split.denoiser_service.service import ServeSpec
     from sdxl_split.denoiser_service.service import serve as serve_jobs
@@ -120,7 +137,7 @@ def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, s
     stop = StopFlag()
     install_stop_handlers(stop)
     served = ServeSpec(denoiser=spec, endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir,
-                       job_delay_s=job_delay)
+                       job_delay_s=job_delay, hang_on_job=hang_on_job)
     result = serve_jobs(served, stop, notice=lambda m: tqdm.write(m, file=sys.stderr))
     if as_json:
         print_json({"stats": result.stats, "memory": result.memory, "config": spec.config.as_dict(),

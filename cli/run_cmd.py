@@ -14,11 +14,12 @@ from sdxl_split.cli.encode_cmd import encode_spec
 from sdxl_split.cli.options import (
     credits_option,
     encoding_options,
+    job_timeout_option,
     max_attempts_option,
     render_config_from,
     render_options,
 )
-from sdxl_split.cli.render_cmd import denoiser_spec
+from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -34,8 +35,11 @@ ENCODER_WAIT_S = 30.0
               help="Denoiser processes to start (they share the jobs by speed).")
 @credits_option()
 @max_attempts_option()
+@job_timeout_option()
+@click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: denoisers sleep before each job.")
 @click.pass_obj
 def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_attempts: int,
+        job_timeout: float | None, job_delay: float,
         negative_prompt: str | None, clip_skip: int | None, encoder_dtype: str | None, encoder_device: str,
         **kw) -> None:
     """Encode PROMPTS and render them, each side in its own process, on this machine.
@@ -64,11 +68,12 @@ def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_at
         cpu_threads, gpu_threads = shares(on_cpu, 0 if config.device == "cpu" else denoisers)
         encoding = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device,
                                batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S, curve_dir=None,
-                               max_attempts=max_attempts,
+                               max_attempts=max_attempts, job_timeout=job_timeout,
                                threads=cpu_threads if encoder_device == "cpu" else gpu_threads)
-        serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source,
+        check_seeds(prompts, encoding.entries, config)
+        serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source, metadata=kw["metadata"],
                                                    threads=cpu_threads if config.device == "cpu" else gpu_threads),
-                            endpoint=endpoint, credits=credits)
+                            endpoint=endpoint, credits=credits, job_delay_s=job_delay)
         outcome = supervise(
             [ChildSpec(f"denoiser-{n}", denoiser_main, specs.dumps(serving), opts.verbosity) for n in range(denoisers)],
             ChildSpec("encoder", encoder_main, specs.dumps(encoding), opts.verbosity), notice=notice)

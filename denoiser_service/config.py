@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.prompts import MAX_SEED
 
 ATTENTION = ("sdpa", "default")
 VAE_KINDS = ("full", "tiny")
@@ -22,6 +23,11 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
 }
 DEFAULT_TAESDXL = "madebyollin/taesdxl"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Bounds checked before anything loads. SDXL renders up to 4096 px a side (VAE tiling keeps such decodes in
+# memory); one job's batch is capped at 4 images of 2048^2, beyond which a GPU of today runs out of memory.
+MAX_SIDE = 4096
+MAX_BATCH_PIXELS = 4 * 2048 * 2048
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,17 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
     for value, name in ((config.width, "width"), (config.height, "height")):
         if value < 8 or value % 8:
             raise UserError(f"image {name} {value} must be a positive multiple of 8 (the VAE works in 8x8 blocks)")
+        if value > MAX_SIDE:
+            raise UserError(f"image {name} {value} is over {MAX_SIDE} pixels; SDXL is trained at 1024, use --size "
+                            "1024x1024 or upscale afterwards")
+    pixels = config.width * config.height * config.images_per_prompt
+    if pixels > MAX_BATCH_PIXELS:
+        raise UserError(f"{config.images_per_prompt} images of {config.width}x{config.height} in one batch are "
+                        f"{pixels / 1e6:.0f} M pixels, over the {MAX_BATCH_PIXELS / 1e6:.0f} M a job may hold; "
+                        "lower --images-per-prompt or --size")
+    if config.seed + config.images_per_prompt - 1 > MAX_SEED:
+        raise UserError(f"--seed {config.seed} with {config.images_per_prompt} images would go past "
+                        f"{MAX_SEED} (image i uses seed+i); use a smaller seed")
     if config.device.startswith("cuda") and not cuda_available:
         raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
     if config.offload != "none" and not on_gpu:
@@ -103,8 +120,9 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError("--vae-model names a tiny autoencoder; add --vae tiny")
     if config.vae_tiling and (config.vae_tile_size < 64 or config.vae_tile_size % 64):
         raise UserError("--vae-tile-size must be a multiple of 64 pixels")
-    if not math.isfinite(config.guidance) or config.guidance < 0:
-        raise UserError(f"--guidance {config.guidance} must be a finite number >= 0 (1 turns guidance off)")
+    if not math.isfinite(config.guidance) or not 0 <= config.guidance <= MAX_GUIDANCE:
+        raise UserError(f"--guidance {config.guidance} must be from 0 to {MAX_GUIDANCE:g} (1 turns guidance off; "
+                        "SDXL is usually run at 5 to 8)")
     if config.steps < 1 or config.images_per_prompt < 1:
         raise UserError("--steps and --images-per-prompt must be at least 1")
     if config.scheduler not in SCHEDULERS:

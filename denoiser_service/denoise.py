@@ -49,8 +49,10 @@ class Denoiser:
     def check(self, record: Embeddings) -> None:
         if record.widths != self.widths:
             raise JobError(
-                f"embeddings are {record.widths[0]}/{record.widths[1]} wide but this UNet takes "
-                f"{self.widths[0]}/{self.widths[1]}: they were encoded with a different model"
+                f"embeddings {record.key[:12]} are {record.widths[0]}/{record.widths[1]} wide but this UNet takes "
+                f"{self.widths[0]}/{self.widths[1]}: they were made by another model's text encoders; clear them "
+                "with `sdxl-split --model MODEL cache verify --delete-bad` (MODEL: the one the encoder uses) and "
+                "encode again"
             )
 
     @torch.inference_mode()
@@ -71,6 +73,11 @@ class Denoiser:
                 guidance_scale=self.config.guidance,
                 output_type="latent",
             ).images
+        if not torch.isfinite(latents).all():
+            # Said here, at the stage that failed: a VAE given NaN latents would be blamed for them.
+            raise JobError(f"the UNet produced NaN/Inf latents ({self.config.dtype}, guidance "
+                           f"{self.config.guidance:g}); nothing was decoded; in fp16 try --dtype bf16, or a lower "
+                           "--guidance")
         with self.meter.phase("decode"):
             return self.decode(latents)
 

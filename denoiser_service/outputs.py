@@ -32,6 +32,7 @@ class ImageMeta:
     model: str
     model_hash: str
     config: dict
+    model_source: str | None = None
 
     def a1111_parameters(self) -> str:
         """The `parameters` text chunk in the form A1111, ComfyUI and most image browsers read."""
@@ -52,6 +53,7 @@ def png_bytes(image: Image.Image, meta: ImageMeta) -> bytes:
     info.add_text(CONFIG_CHUNK, json.dumps({
         "image_id": meta.image_id, "job_id": meta.job_id, "index": meta.index, "seed": meta.seed,
         "embedding_key": meta.embedding_key, "model": meta.model, "config": meta.config,
+        **({"model_source": meta.model_source} if meta.model_source else {}),
     }, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)

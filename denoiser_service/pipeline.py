@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import diffusers
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
@@ -28,6 +30,13 @@ def load_tiny_vae(location: str, dtype: torch.dtype) -> AutoencoderTiny:
     try:
         return AutoencoderTiny.from_pretrained(location, torch_dtype=dtype)
     except (OSError, ValueError) as err:
+        if not Path(location).exists():
+            # diffusers says the repo "does not appear to have a file named config.json", which reads like a
+            # broken repo; what it means offline is that the download never happened.
+            raise ModelNotFoundError(
+                f"the tiny VAE '{location}' is neither on disk (not in the Hugging Face cache) nor reachable on the "
+                "hub; fetch it once with network, or pass --vae-model PATH to a local AutoencoderTiny folder, or "
+                "use --vae full") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ModelNotFoundError(
             f"cannot load the tiny VAE '{location}' ({first}); pass --vae-model PATH to a local AutoencoderTiny "

@@ -11,7 +11,7 @@ from sdxl_split.denoiser_service.denoise import Denoiser, JobError
 from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir, WrittenImage
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.jobs import image_filename, image_id, job_id
-from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.prompts import MAX_SEED, PromptEntry
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,22 @@ class RenderJob:
 class ModelIdentity:
     """How the denoising model is named in file metadata and job ids."""
 
+    # A1111's `Model:`: a hub id, a checkpoint's stem or a folder's name, never a local path.
     name: str
+    # Identity of the denoise side's files; part of every job id.
     fingerprint: str
+    # A1111's `Model hash:`: AutoV2 (first 10 hex digits of the file's sha256) for a single-file checkpoint, so
+    # model-sharing sites find it; our fingerprint otherwise.
+    hash: str = ""
+    # The --model value in full (a path, perhaps), written only with --metadata full.
+    source: str | None = None
 
 
 def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity) -> RenderJob:
     seed = entry.seed if entry.seed is not None else config.seed
     count = entry.count if entry.count is not None else config.images_per_prompt
+    if seed + count - 1 > MAX_SEED:
+        raise JobError(f"seed {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
     job = job_id(record.key, seed, count, config.pixel_settings(), model.fingerprint)
     metas, names = [], []
     for index in range(count):
@@ -43,7 +52,8 @@ def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model
         metas.append(ImageMeta(
             image_id=image, job_id=job, index=index, seed=seed + index, prompt=entry.prompt,
             negative_prompt=entry.negative_prompt, embedding_key=record.key,
-            sampler=SCHEDULERS[config.scheduler][2], model=model.name, model_hash=model.fingerprint.split(":")[-1],
+            sampler=SCHEDULERS[config.scheduler][2], model=model.name,
+            model_hash=model.hash or model.fingerprint.split(":")[-1], model_source=model.source,
             config={**config.pixel_settings(), "attention": config.attention, "compile": config.compile,
                     "offload": config.offload, "vae_slicing": config.vae_slicing, "vae_tiling": config.vae_tiling,
                     "base_seed": seed, "count": count, "clip_skip": record.settings.clip_skip,

@@ -15,12 +15,13 @@ from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, RenderJob, RenderStats, make_job
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
+from sdxl_split.shared.digests import file_sha256
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint
+from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, display_name, fingerprint
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
@@ -48,12 +49,16 @@ class ServeSpec:
     # Keep serving encode runs one after another instead of exiting after the first one's BYE.
     serve: bool = False
     curve_dir: Path | None = None
-    # Test hook: seconds to sleep before each job, to make one denoiser slower than another.
+    # Test hooks: seconds to sleep before each job, to make one denoiser slower than another; the job (1 = the
+    # first) whose render never returns, as a stuck CUDA call would.
     job_delay_s: float = 0.0
+    hang_on_job: int = 0
 
 
-def model_identity(name: str, source: ModelSource, cache_dir: Path) -> ModelIdentity:
-    return ModelIdentity(name=name, fingerprint=fingerprint(source, DENOISE_COMPONENTS, cache_dir))
+def model_identity(source: ModelSource, cache_dir: Path, full_metadata: bool = False) -> ModelIdentity:
+    digest = file_sha256(Path(source.location), cache_dir)[:10] if source.kind == "single_file" else ""
+    return ModelIdentity(name=display_name(source), fingerprint=fingerprint(source, DENOISE_COMPONENTS, cache_dir),
+                         hash=digest, source=source.spec if full_metadata else None)
 
 
 def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Callable[[], Denoiser]:
@@ -129,11 +134,16 @@ class ServeResult:
 def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> p.Done | p.Error:
     """Render one wire job; a per-job failure becomes an ERROR, so the encoder can retry it elsewhere."""
     started = time.perf_counter()
-    render_job = make_job(job.entry, job.record, spec.config, spec.identity)
     try:
-        written = renderer.run(render_job)
+        written = renderer.run(make_job(job.entry, job.record, spec.config, spec.identity))
     except JobError as err:
-        return p.Error(work_id=job.work_id, attempt=job.attempt, reason=str(err)[:p.MAX_REASON_CHARS])
+        return p.Error(work_id=job.work_id, attempt=job.attempt, reason=p.reason_text(str(err)))
+    except OSError as err:
+        # This denoiser's disk (full, read-only...), not the job: it stays pending for another denoiser.
+        where = f" writing {err.filename}" if err.filename else ""
+        return p.Error(work_id=job.work_id, attempt=job.attempt, scope="denoiser",
+                       reason=p.reason_text(f"{err.strerror or err}{where}; the job stays pending for another "
+                                            "denoiser or a re-run"))
     return p.Done(work_id=job.work_id, attempt=job.attempt, seconds=time.perf_counter() - started,
                   images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
 
@@ -158,6 +168,7 @@ def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
     worker_config = WorkerConfig(
         endpoint=spec.endpoint, credits=spec.credits, serve=spec.serve, curve_dir=spec.curve_dir,
         device=config.device, out_dir=str(config.out_dir.resolve()), job_delay_s=spec.job_delay_s,
+        hang_on_job=spec.hang_on_job,
         settings_id=settings_id(config.pixel_settings(), spec.denoiser.identity.fingerprint))
     try:
         stats = Worker(worker_config, report=notice).run(load, stop)

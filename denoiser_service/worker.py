@@ -41,6 +41,8 @@ class WorkerConfig:
     liveness: int = p.HEARTBEAT_LIVENESS
     # Test hook: seconds to sleep before each job, to make one denoiser slower than another.
     job_delay_s: float = 0.0
+    # Test hook: the render of this job (1 = the first) never returns, as a stuck CUDA call would.
+    hang_on_job: int = 0
 
 
 # Renders one JOB; returns the DONE or ERROR to send back. Runs on the render thread.
@@ -78,6 +80,7 @@ class Worker:
         self.socket: zmq.Socket | None = None
         self.stats = WorkerStats()
         self._backoff = 1.0
+        self._started_jobs = 0
 
     def _connect(self) -> None:
         if self.socket is not None:
@@ -216,9 +219,16 @@ class Worker:
         except p.ProtocolError as err:
             self.stats.dropped_messages += 1
             self.report(f"dropped a bad message from the encoder: {err}")
+            job = p.job_identity(frames)
+            if job is not None:
+                # Say so: the encoder would otherwise hold the job, and our credit, until we die.
+                self._send(p.Error(work_id=job[0], attempt=job[1], reason=p.reason_text(f"JOB refused: {err}")))
             return None
 
     def _render_one(self, render: RenderFn, job: p.Job) -> p.Done | p.Error:
+        self._started_jobs += 1
+        if self._started_jobs == self.config.hang_on_job:
+            threading.Event().wait()
         if self.config.job_delay_s:
             time.sleep(self.config.job_delay_s)
         try:

@@ -31,6 +31,8 @@ class LinkConfig:
     curve_dir: Path | None = None
     # ERRORs a job may get before it is dead-lettered.
     max_attempts: int = 3
+    # Seconds a denoiser may hold jobs without finishing one; None: scaled to its own speed (job_table).
+    job_timeout_s: float | None = None
     heartbeat_s: float = p.HEARTBEAT_INTERVAL_S
     liveness: int = p.HEARTBEAT_LIVENESS
 
@@ -39,11 +41,18 @@ class Dispatcher:
     """The ROUTER socket loop: what peers send goes into the job table, what the table picks goes out."""
 
     def __init__(self, config: LinkConfig, journal: Journal, fetch: Fetch,
-                 report: Callable[[str], None] = log.warning) -> None:
+                 report: Callable[[str], None] = log.warning,
+                 on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None) -> None:
         self.config = config
         self.fetch = fetch
         self.report = report
-        self.table = JobTable(config.max_attempts, log=journal.log, report=report, finished=journal.finished())
+
+        def record(event: str, work_id: str, **fields) -> None:
+            journal.log(event, work_id, **fields)
+            on_event(event, work_id, fields)
+
+        self.table = JobTable(config.max_attempts, log=record, report=report, finished=journal.finished(),
+                              job_timeout_s=config.job_timeout_s)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         p.configure_router(self.socket)
@@ -54,9 +63,14 @@ class Dispatcher:
         self.socket.bind(config.endpoint)
         # Set by other threads (a finished encode) and by a stop request, to end a poll at once.
         self.wakeup = Wakeup()
+        # ZeroMQ drops a peer that breaks the protocol or sends a frame over MAXMSGSIZE without a word to us:
+        # its monitor is the only witness.
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._byes = 0  # BYEs whose disconnects are expected
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self.wakeup, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
         self._next_beat = 0.0
         self.last_peer_seen = 0.0
 
@@ -74,7 +88,23 @@ class Dispatcher:
         if self.socket in events:
             while self.socket.poll(0, zmq.POLLIN):
                 self._receive()
+        if self.monitor in events:
+            self._disconnects()
         self._housekeeping()
+
+    def _disconnects(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self.monitor)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            if self._byes:
+                self._byes -= 1  # a denoiser that said BYE, leaving
+                continue
+            self.report(f"a peer's connection (fd {event['value']}) closed without a BYE: it crashed, or ZeroMQ "
+                        f"dropped it for a frame over {p.DEFAULT_MAX_PAYLOAD // 2**20} MiB or a broken handshake; "
+                        "any jobs it held are re-queued once its heartbeats stop")
 
     def serve_for(self, seconds: float) -> None:
         """Keep the link served for `seconds` (a test hook slows the encoder down this way)."""
@@ -86,6 +116,13 @@ class Dispatcher:
         now = time.monotonic()
         for worker in self.table.silent(now, self.config.heartbeat_s * self.config.liveness):
             self.table.lose(worker.identity, f"denoiser {worker.name} missed {self.config.liveness} heartbeats")
+        for worker, limit in self.table.overdue(now):
+            # Heartbeats come from its main loop, so a render thread stuck in a CUDA call or a deadlock looks
+            # alive: only a deadline catches it. It is dropped, and told why.
+            why = (f"denoiser {worker.name} made no progress on its job(s) for {limit:.0f} s (--job-timeout); "
+                   "disconnecting it")
+            self.table.lose(worker.identity, why)
+            self._send_to(worker.identity, p.Bye(why))
         if now >= self._next_beat:
             for worker in list(self.table.workers.values()):
                 self._send(worker, p.Heartbeat())
@@ -105,7 +142,14 @@ class Dispatcher:
             if sent is None:
                 blocked.add(worker.identity)
             elif sent:
-                self.table.sent(job, worker)
+                self.table.sent(job, worker, time.monotonic())
+
+    def _send_to(self, identity: bytes, message: p.Message) -> None:
+        """Best effort, to a peer that is not (or no longer) in the table."""
+        try:
+            self.socket.send_multipart([identity, *p.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _send(self, worker: Worker, message: p.Message) -> bool | None:
         """True if sent; None if its queue is full (try later); False if the peer is gone (it was lost)."""
@@ -131,8 +175,10 @@ class Dispatcher:
         now = time.monotonic()
         self.last_peer_seen = now
         if isinstance(message, p.Ready):
-            self.table.attach(identity, f"{message.worker}[{message.pid}]@{message.device}", message.credits, now,
-                              message.out_dir, message.settings_id)
+            name = f"{message.worker}[{message.pid}]@{message.device}"
+            if self.table.attach(identity, name, message.credits, now, message.out_dir, message.settings_id) is None:
+                self._send_to(identity, p.Bye(f"denoiser {name} is quarantined for this run"))
+                return
             self.report(f"denoiser {message.worker} (pid {message.pid}, {message.device}) attached with "
                         f"{message.credits} credits")
             return
@@ -144,13 +190,14 @@ class Dispatcher:
             return
         if isinstance(message, p.Done):
             self.table.finish(identity, message.work_id, message.attempt,
-                              [{"file": i.file, "sha256": i.sha256} for i in message.images], message.seconds)
+                              [{"file": i.file, "sha256": i.sha256} for i in message.images], message.seconds, now)
         elif isinstance(message, p.Error):
-            self.table.fail(identity, message.work_id, message.attempt, message.reason)
+            self.table.fail(identity, message.work_id, message.attempt, message.reason, message.scope, now)
         elif isinstance(message, p.Dead):
             self.table.lose(identity, f"denoiser {worker.name} died: {message.reason}")
         elif isinstance(message, p.Bye):
-            self.table.lose(identity, f"denoiser {worker.name} left", quiet=True)
+            self._byes += 1
+            self.table.lose(identity, f"denoiser {worker.name} left", quiet=True, orderly=True)
         elif isinstance(message, p.Job):
             self.report(f"dropped a JOB sent by denoiser {worker.name}; only the encoder sends jobs")
 
@@ -177,6 +224,8 @@ class Dispatcher:
                         waiting.pop(identity, None)
                 except p.ProtocolError:
                     pass
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close(linger=500)
         self.wakeup.close()
         if self._auth is not None:

@@ -56,6 +56,7 @@ def run_encode(
     on_progress: Callable[[int], None] = lambda n: None,
     warn: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    widths: tuple[int, int] | None = None,
 ) -> EncodeStats:
     started = time.perf_counter()
     stats = EncodeStats(prompts=len(entries))
@@ -71,7 +72,7 @@ def run_encode(
 
     misses: list[tuple[str, PromptEntry]] = []
     for key, group in by_key.items():
-        found = cache.lookup(key)
+        found = cache.lookup(key, widths)
         if isinstance(found, Hit):
             stats.hits += 1
             deliver(key, found.record, found.data)

@@ -36,8 +36,9 @@ class Job:
     entry: PromptEntry
     embedding_key: str
     attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
-    failures: int = 0  # ERRORs
-    losses: int = 0  # times its denoiser died or left holding it
+    failures: int = 0  # ERRORs its own content caused
+    # Denoisers that died, left or hung holding it: a job that takes down one denoiser after another is buried.
+    lost_on: set[str] = field(default_factory=set)
     worker: bytes | None = None
     failed_on: set[bytes] = field(default_factory=set)
     state: JobState = JobState.QUEUED
@@ -52,11 +53,34 @@ class Worker:
     out_dir: str = ""
     settings_id: str = ""
     inflight: set[str] = field(default_factory=set)
+    # When it last finished something, or took its first job while idle: a render that hangs stops this clock.
+    last_progress: float = 0.0
+    # Seconds of its slowest finished job: the default deadline scales with it.
+    slowest_job_s: float = 0.0
+    finished_jobs: int = 0
+    # Distinct jobs it failed before finishing any: a denoiser that fails everything is broken, not the jobs.
+    failed_jobs: set[str] = field(default_factory=set)
+
+
+# A denoiser that loses this many jobs (dies, leaves or hangs holding them, or says it cannot render them) is
+# quarantined: a flapping or hostile peer must not sink good jobs, so the count is held against the denoiser.
+QUARANTINE_STRIKES = 3
+# Deadlines for a job on a denoiser without --job-timeout: the first job may compile for minutes; later ones get
+# a generous multiple of that denoiser's slowest job, never less than a floor.
+FIRST_JOB_TIMEOUT_S = 1800.0
+JOB_TIMEOUT_MULTIPLE = 10.0
+JOB_TIMEOUT_FLOOR_S = 120.0
 
 
 class JobTable:
-    def __init__(self, max_attempts: int, log: Log, report: Report, finished: Finished | None = None) -> None:
+    def __init__(self, max_attempts: int, log: Log, report: Report, finished: Finished | None = None,
+                 job_timeout_s: float | None = None) -> None:
         self.max_attempts = max_attempts
+        self.job_timeout_s = job_timeout_s
+        # Strikes per denoiser name (host[pid]@device), and the names refused from now on.
+        self.strikes: dict[str, int] = {}
+        self.quarantined: set[str] = set()
+        self.quarantined_identities: set[bytes] = set()
         self.log = log
         self.report = report
         # Images a previous run finished, by (job, output folder, render settings): not rendered again.
@@ -64,6 +88,9 @@ class JobTable:
         self.jobs: dict[str, Job] = {}
         self.queue: list[str] = []
         self.workers: dict[bytes, Worker] = {}
+        # Peers heartbeating before their READY (loading a model), by when last heard: a failed job waits for
+        # one of them rather than going back to the denoiser that failed it.
+        self.coming: dict[bytes, float] = {}
         self.already_done = 0
         self.ever_attached = False
         # Stopping: hand out nothing new, wait for what is out.
@@ -96,37 +123,85 @@ class JobTable:
 
     # ---- workers ----
     def attach(self, identity: bytes, name: str, credits: int, now: float, out_dir: str = "",
-               settings_id: str = "") -> Worker:
-        """READY: a new denoiser, or one that restarted (whatever it held goes back to the queue)."""
+               settings_id: str = "") -> Worker | None:
+        """READY: a new denoiser, or one that restarted (whatever it held goes back to the queue). None for a
+        quarantined one, which gets nothing."""
         if identity in self.workers:
             self.lose(identity, f"denoiser {self.workers[identity].name} restarted", quiet=True)
-        worker = Worker(identity, name, credits, now, out_dir, settings_id)
+        if name in self.quarantined:
+            self.quarantined_identities.add(identity)
+            return None
+        self.coming.pop(identity, None)
+        worker = Worker(identity, name, credits, now, out_dir, settings_id, last_progress=now)
         self.workers[identity] = worker
         self.ever_attached = True
         return worker
 
     def heard(self, identity: bytes, now: float) -> Worker | None:
+        """A message from a peer: its worker record, or None for one that has not said READY (yet)."""
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = now
+        elif identity not in self.quarantined_identities:
+            self.coming[identity] = now
         return worker
 
     def silent(self, now: float, timeout_s: float) -> list[Worker]:
-        """Workers not heard from within timeout_s."""
+        """Workers not heard from within timeout_s (peers still loading are forgotten the same way)."""
+        self.coming = {identity: seen for identity, seen in self.coming.items() if now - seen <= timeout_s}
         return [w for w in self.workers.values() if now - w.last_seen > timeout_s]
 
-    def lose(self, identity: bytes, why: str, quiet: bool = False) -> None:
-        """A denoiser died, left or stopped answering: its jobs go back to the queue."""
+    def lose(self, identity: bytes, why: str, quiet: bool = False, orderly: bool = False) -> None:
+        """A denoiser died, left, hung or stopped answering: its jobs go back to the queue, and each counts as a
+        strike against it, not against the job (unless it left in order, with a BYE)."""
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
         if not quiet or worker.inflight:
             self.report(why + (f"; re-queueing {len(worker.inflight)} job(s)" if worker.inflight else ""))
+        lost = 0
         for work_id in sorted(worker.inflight):
             job = self.jobs[work_id]
             if job.state is JobState.DISPATCHED and job.worker == identity:
-                job.losses += 1
+                lost += 1
+                if not orderly:
+                    job.lost_on.add(worker.name)
                 self._retry_or_bury(job, why)
+        if not orderly:
+            self._strike(worker.name, lost)
+
+    def _strike(self, name: str, count: int) -> None:
+        if count <= 0 or name in self.quarantined:
+            return
+        self.strikes[name] = self.strikes.get(name, 0) + count
+        if self.strikes[name] >= QUARANTINE_STRIKES:
+            self._quarantine(name, f"it lost or could not render {self.strikes[name]} jobs")
+
+    def _quarantine(self, name: str, why: str) -> None:
+        self.quarantined.add(name)
+        self.quarantined_identities.update(i for i, w in self.workers.items() if w.name == name)
+        self.report(f"quarantined denoiser {name}: {why}; it gets no more work in this run")
+        for identity, worker in list(self.workers.items()):
+            if worker.name == name:
+                self.lose(identity, f"denoiser {name} quarantined", quiet=True, orderly=True)
+
+    def overdue(self, now: float) -> list[tuple[Worker, float]]:
+        """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""
+        late = []
+        for worker in self.workers.values():
+            if not worker.inflight:
+                continue
+            limit = self.deadline(worker)
+            if now - worker.last_progress > limit:
+                late.append((worker, limit))
+        return late
+
+    def deadline(self, worker: Worker) -> float:
+        if self.job_timeout_s is not None:
+            return self.job_timeout_s
+        if not worker.slowest_job_s:
+            return FIRST_JOB_TIMEOUT_S
+        return max(JOB_TIMEOUT_FLOOR_S, JOB_TIMEOUT_MULTIPLE * worker.slowest_job_s)
 
     # ---- dispatch ----
     def pick(self, blocked: set[bytes] = frozenset()) -> tuple[Job, Worker] | None:  # type: ignore[assignment]
@@ -156,12 +231,15 @@ class JobTable:
     def _choose(self, job: Job, ready: list[Worker]) -> Worker | None:
         """The freest worker that has not failed this job; one that has, only if no other is alive."""
         fresh = [w for w in ready if w.identity not in job.failed_on]
-        if not fresh and any(w.identity not in job.failed_on for w in self.workers.values()):
-            return None  # wait for a denoiser that has not failed it yet
+        others = [*self.workers, *self.coming]
+        if not fresh and any(identity not in job.failed_on for identity in others):
+            return None  # wait for a denoiser that has not failed it yet (maybe one still loading)
         pool = fresh or ready
         return max(pool, key=lambda w: (w.credits, -len(w.inflight))) if pool else None
 
-    def sent(self, job: Job, worker: Worker) -> None:
+    def sent(self, job: Job, worker: Worker, now: float) -> None:
+        if not worker.inflight:
+            worker.last_progress = now  # an idle denoiser's clock starts with its job
         self.queue.remove(job.work_id)
         job.attempt += 1
         job.state, job.worker = JobState.DISPATCHED, worker.identity
@@ -175,46 +253,61 @@ class JobTable:
         self._bury(job, f"embeddings unavailable: {reason}")
 
     # ---- reports ----
-    def _owned(self, worker: Worker, work_id: str, attempt: int) -> Job | None:
+    def _owned(self, worker: Worker, work_id: str, attempt: int, now: float) -> Job | None:
         """The job if this report is about its current attempt on this worker. A late report, about an attempt
         that was re-queued elsewhere, only returns the credit."""
         if work_id in worker.inflight:
             worker.inflight.discard(work_id)
             worker.credits += 1
+            worker.last_progress = now
         job = self.jobs.get(work_id)
         if (job is None or job.state is not JobState.DISPATCHED or job.attempt != attempt
                 or job.worker != worker.identity):
             return None
         return job
 
-    def finish(self, identity: bytes, work_id: str, attempt: int, images: list[dict], seconds: float) -> bool:
+    def finish(self, identity: bytes, work_id: str, attempt: int, images: list[dict], seconds: float,
+               now: float = 0.0) -> bool:
         """DONE; False when it was late or not this worker's to report."""
         worker = self.workers.get(identity)
-        job = self._owned(worker, work_id, attempt) if worker else None
+        job = self._owned(worker, work_id, attempt, now) if worker else None
         if job is None:
             return False
+        worker.slowest_job_s = max(worker.slowest_job_s, seconds)
+        worker.finished_jobs += 1
         job.state, job.worker = JobState.DONE, None
         self.log("done", job.work_id, attempt=attempt, worker=worker.name, seconds=seconds, out_dir=worker.out_dir,
                  settings=worker.settings_id, images=images)
         return True
 
-    def fail(self, identity: bytes, work_id: str, attempt: int, reason: str) -> bool:
-        """ERROR: the job is retried on another denoiser, or dead-lettered after max_attempts."""
+    def fail(self, identity: bytes, work_id: str, attempt: int, reason: str, scope: str = "job",
+             now: float = 0.0) -> bool:
+        """ERROR: the job is retried on another denoiser. A "job" error counts towards dead-lettering it after
+        max_attempts; a "denoiser" one (a full disk, a missing LoRA) counts against the denoiser instead."""
         worker = self.workers.get(identity)
-        job = self._owned(worker, work_id, attempt) if worker else None
+        job = self._owned(worker, work_id, attempt, now) if worker else None
         if job is None:
             return False
-        job.failures += 1
         job.failed_on.add(identity)
-        self.log("failed", job.work_id, attempt=attempt, worker=worker.name, reason=reason)
+        self.log("failed", job.work_id, attempt=attempt, worker=worker.name, reason=reason, scope=scope)
+        if scope == "job":
+            job.failures += 1
+            if not worker.finished_jobs:
+                worker.failed_jobs.add(work_id)
         self._retry_or_bury(job, reason)
+        if scope != "job":
+            self._strike(worker.name, 1)
+        elif len(worker.failed_jobs) >= QUARANTINE_STRIKES and worker.name not in self.quarantined:
+            # One poison job failing again and again on the only denoiser counts once; a GPU that fails every
+            # job it is given, and has never finished one, is what is broken.
+            self._quarantine(worker.name, f"it failed {len(worker.failed_jobs)} different jobs and finished none")
         return True
 
     def _retry_or_bury(self, job: Job, reason: str) -> None:
         job.worker = None
-        # A job that keeps killing its denoisers (say, OOM) is given up too, with more leeway, since a
-        # denoiser can also die or leave for reasons of its own.
-        if job.failures >= self.max_attempts or job.losses >= 2 * self.max_attempts:
+        # A job that takes down denoiser after denoiser (OOM, say) is given up too, with more leeway, since a
+        # denoiser can also die for reasons of its own; one flapping peer counts once, however often it comes.
+        if job.failures >= self.max_attempts or len(job.lost_on) >= 2 * self.max_attempts:
             self._bury(job, reason)
         else:
             job.state = JobState.QUEUED

@@ -20,7 +20,7 @@ from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.embeddings import EncodingSettings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.models.resolve import ModelSource, text_widths
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
@@ -52,7 +52,8 @@ class EncodeSpec:
 
 def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
                 on_progress: Callable[[int], None] = lambda n: None,
-                on_bound: Callable[[], None] = lambda: None) -> dict:
+                on_bound: Callable[[], None] = lambda: None,
+                on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None) -> dict:
     """Encode (or read from the cache) every prompt, stream the jobs to denoisers, and summarise."""
     config = spec.config
     use_threads(config.threads)
@@ -69,7 +70,8 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     try:
         result = run_streaming_encode(
             list(spec.entries), spec.settings, cache, load, meter, spec.link, journal, spec.wait_s, stop, notice,
-            batch_size=config.batch_size, on_progress=on_progress, throttle_s=spec.throttle_s, on_bound=on_bound)
+            batch_size=config.batch_size, on_progress=on_progress, throttle_s=spec.throttle_s, on_bound=on_bound,
+            widths=text_widths(spec.source), on_event=on_event)
         memory = meter.summary()
     except zmq.ZMQError as err:
         raise UserError(f"cannot listen on {spec.link.endpoint} ({err.strerror}); is another encoder running? "
@@ -92,15 +94,19 @@ def some_failed(summary: dict) -> bool:
 
 def child_main(conn, spec_json: str, verbosity: int = 0) -> None:
     """`run`'s encoder process: the spec arrives as JSON, readiness is "bound", the result is the summary."""
+    from sdxl_split.encoder_service.progress import EncodeProgress
     from sdxl_split.shared import specs
-    from sdxl_split.shared.processes import install_stop_handlers, run_child, stderr_notice
+    from sdxl_split.shared.processes import install_stop_handlers, run_child
     from sdxl_split.shared.wakeup import StopFlag
 
     def body(hooks) -> None:
         spec = specs.loads(EncodeSpec, spec_json)
         stop = StopFlag()
         install_stop_handlers(stop)
-        hooks.result(run_encoder(spec, stop, notice=stderr_notice, on_bound=hooks.ready))
+        # `run` shares this terminal: the encoder, which hears every DONE, shows the run's progress.
+        with EncodeProgress(len(spec.entries)) as progress:
+            hooks.result(run_encoder(spec, stop, notice=progress.notice, on_progress=progress.encoded,
+                                     on_bound=hooks.ready, on_event=progress.event))
 
     run_child(conn, body, verbosity)
 

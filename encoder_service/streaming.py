@@ -53,6 +53,8 @@ def run_streaming_encode(
     on_progress: Callable[[int], None] = lambda n: None,
     on_bound: Callable[[], None] = lambda: None,
     throttle_s: float = 0.0,
+    widths: tuple[int, int] | None = None,
+    on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None,
 ) -> StreamResult:
     """Jobs are dispatched as they appear; the dispatcher skips those whose images the journal shows
     intact in the output folder of the denoiser they would go to."""
@@ -62,7 +64,7 @@ def run_streaming_encode(
             return found.record, found.data
         raise LookupError(found.problem if isinstance(found, Bad) else f"cache entry {key[:12]} is gone")
 
-    dispatcher = Dispatcher(link, journal, fetch, report=report)
+    dispatcher = Dispatcher(link, journal, fetch, report=report, on_event=on_event)
     watch_stop(stop, dispatcher.wakeup)
     on_bound()
     seen: set[str] = set()
@@ -103,7 +105,7 @@ def run_streaming_encode(
     try:
         stats = run_encode(entries, settings, cache, load_while_serving, sink, meter, batch_size=batch_size,
                            on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
-                           should_stop=stop.is_set)
+                           should_stop=stop.is_set, widths=widths)
         idle_since = time.monotonic()
         table = dispatcher.table
         while table.outstanding and not stop.is_set():

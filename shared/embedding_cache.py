@@ -79,7 +79,9 @@ class EmbeddingCache:
         # Two-level fan-out keeps folders small at millions of prompts.
         return self.root / key[:2] / f"{key}{SUFFIX}"
 
-    def lookup(self, key: str) -> Lookup:
+    def lookup(self, key: str, widths: tuple[int, int] | None = None) -> Lookup:
+        """The record under `key`, validated; with `widths` (a model's text widths), one of another width is
+        Bad too, so it is re-encoded instead of failing every render."""
         path = self.path_for(key)
         try:
             data = path.read_bytes()
@@ -91,6 +93,9 @@ class EmbeddingCache:
             record = decode_embeddings(data, expected_key=key)
         except EmbeddingFormatError as err:
             return Bad(key, f"{path}: {err}")
+        if widths is not None and record.widths != widths:
+            return Bad(key, f"{path}: holds {record.widths[0]}/{record.widths[1]}-wide embeddings, but this model's "
+                            f"text encoders make {widths[0]}/{widths[1]}-wide ones")
         return Hit(key, record, data)
 
     def store(self, record: Embeddings) -> bytes:
@@ -115,11 +120,12 @@ class EmbeddingCache:
     def listing(self) -> list[ListedEntry]:
         return [_read_listing(path, size, mtime) for path, size, mtime in self._stat_files()]
 
-    def verify(self, delete_bad: bool = False) -> VerifyReport:
-        """Fully check every file: its place, layout, metadata, key and tensors."""
+    def verify(self, delete_bad: bool = False, widths: tuple[int, int] | None = None) -> VerifyReport:
+        """Fully check every file: its place, layout, metadata, key and tensors; with `widths`, that its
+        embeddings are as wide as a given model's."""
         report = VerifyReport()
         for path in self.files():
-            problem = self._verify_one(path)
+            problem = self._verify_one(path, widths)
             if problem is _VANISHED:
                 continue
             report.checked += 1
@@ -130,7 +136,7 @@ class EmbeddingCache:
                     report.deleted += 1
         return report
 
-    def _verify_one(self, path: Path) -> str | object | None:
+    def _verify_one(self, path: Path, widths: tuple[int, int] | None) -> str | object | None:
         """None when valid, else why (naming the path), or _VANISHED for a file removed since it was listed."""
         key = path.name.removesuffix(SUFFIX)
         try:
@@ -139,7 +145,7 @@ class EmbeddingCache:
             return f"{path}: file name is not a cache key"
         if expected != path:
             return f"{path}: belongs in {expected.parent.name}/, not {path.parent.name}/"
-        found = self.lookup(key)
+        found = self.lookup(key, widths)
         if isinstance(found, Bad):
             return found.problem
         return _VANISHED if isinstance(found, Miss) else None

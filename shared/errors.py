@@ -1,8 +1,19 @@
 """Errors a user caused and can fix, and the exit codes every command shares."""
 
+import errno
+
 # Exit codes: 0 done; 2 bad input (one line on stderr); 3 some jobs failed or were left unrendered.
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an unusable folder, a full disk or a permission, naming the path."""
+    where = f": {err.filename}" if err.filename else ""
+    # Every write is a rename of a finished temp file, so a failed one leaves nothing half-written.
+    after = ("; nothing finished was lost: free some space and re-run the same command to go on"
+             if err.errno == errno.ENOSPC else "")
+    return f"error: {err.strerror or err}{where}{after}"
 
 
 class UserError(Exception):

@@ -175,13 +175,19 @@ class Done(_Message):
         return cls(work_id=h["work_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
 
 
+ERROR_SCOPES = ("job", "denoiser")
+
+
 @dataclass(frozen=True)
 class Error(_Message):
-    """A job failed on this attempt; returns one credit. The encoder decides whether to retry."""
+    """A job failed on this attempt; returns one credit. The encoder decides whether to retry. `scope` says
+    whose fault it was: "job" (its content cannot be rendered: counts towards dead-lettering) or "denoiser"
+    (this denoiser cannot render it now: a full disk, a LoRA it lacks; the job goes to another one)."""
 
     work_id: str
     attempt: int
     reason: str
+    scope: str = "job"
 
     TYPE = "ERROR"
 
@@ -189,6 +195,8 @@ class Error(_Message):
         hex64_field(self.work_id, "work_id")
         int_field(self.attempt, "attempt", 1)
         str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
+        if self.scope not in ERROR_SCOPES:
+            raise ProtocolError(f"scope must be one of {ERROR_SCOPES}, got {str(self.scope)[:20]!r}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.errors import UserError, os_error_line
 
 _PR_SET_PDEATHSIG = 1
 
@@ -90,6 +90,9 @@ def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as err:
+        print(os_error_line(err), file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as err:  # a bug, not bad input: one line unless asked for more
         if verbosity >= 2:
             import traceback

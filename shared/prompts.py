@@ -11,6 +11,7 @@ from sdxl_split.shared.errors import UserError
 JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id"}
 _TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 MAX_COUNT = 64
+MAX_SEED = 2**63 - 1
 # Far past CLIP's 77 tokens; the bound keeps one line of a prompt file from becoming megabytes on the wire.
 MAX_TEXT_CHARS = 16 * 1024
 
@@ -37,6 +38,8 @@ class PromptFile:
     path: Path
     entries: tuple[PromptEntry, ...]
     skipped_lines: int
+    # Things worth a word that are not errors (a .txt file whose lines look like JSONL, say).
+    warnings: tuple[str, ...] = ()
 
 
 def _fail(path: Path, line: int, message: str) -> UserError:
@@ -67,10 +70,13 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
     for name in _TEXT_FIELDS[1:] + ("id",):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise _fail(path, number, f"{name!r} must be a string")
-    for name, low, high in (("seed", 0, 2**63 - 1), ("count", 1, MAX_COUNT)):
+    for name, low, high in (("seed", 0, MAX_SEED), ("count", 1, MAX_COUNT)):
         value = obj.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
             raise _fail(path, number, f"{name!r} must be an integer from {low} to {high}")
+    seed, count = obj.get("seed"), obj.get("count") or 1
+    if seed is not None and seed + count - 1 > MAX_SEED:
+        raise _fail(path, number, f"'seed' {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
     return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS})
 
 
@@ -112,6 +118,7 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
     jsonl = _is_jsonl(path, lines)
     entries: list[PromptEntry] = []
     skipped = 0
+    looks_jsonl: list[int] = []
     for number, line in enumerate(lines, start=1):
         if "\x00" in line:
             raise _fail(path, number, "contains a NUL byte; is this a binary file?")
@@ -120,6 +127,8 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
             skipped += 1
             continue
         entry = _jsonl_entry(path, number, stripped) if jsonl else PromptEntry(line=number, prompt=stripped)
+        if not jsonl and _looks_like_record(stripped):
+            looks_jsonl.append(number)
         _check_texts(path, entry)
         entries.append(entry)
     if not entries:
@@ -132,4 +141,19 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
     if default_negative is not None:
         entries = [e if e.negative_prompt is not None else replace(e, negative_prompt=default_negative)
                    for e in entries]
-    return PromptFile(path=path, entries=tuple(entries), skipped_lines=skipped)
+    warnings = ()
+    if looks_jsonl:
+        warnings = (f"{path}:{looks_jsonl[0]}: {len(looks_jsonl)} line(s) look like JSONL records, but a "
+                    f"{path.suffix or 'suffix-less'} file is read as plain text (the suffix decides: .jsonl for "
+                    "JSONL); each line is encoded as literal prompt text",)
+    return PromptFile(path=path, entries=tuple(entries), skipped_lines=skipped, warnings=warnings)
+
+
+def _looks_like_record(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "prompt" in obj

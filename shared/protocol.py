@@ -52,7 +52,8 @@ from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part
 from sdxl_split.shared.wire_fields import ProtocolError, entry_field, exact_keys, hex64_field, int_field
 
 PROTOCOL_ID = "sdxl-split"
-PROTOCOL_VERSION = 1
+# 2: ERROR carries a scope.
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 # Full-size SDXL fp32 embeddings are about 1.3 MB; 8 MiB leaves room for longer prompts without
 # letting a peer make us allocate without bound.
@@ -167,6 +168,18 @@ def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
     if len(frames) != 1:
         raise ProtocolError(f"{kind} must be 1 frame, got {len(frames)}")
     return cls._from_header(header)
+
+
+def job_identity(frames: Sequence[bytes]) -> tuple[str, int] | None:
+    """(work_id, attempt) of a JOB whose header is sound though the message as a whole was refused (a payload
+    that breaks the schema, say), so the receiver can answer ERROR instead of leaving the job hanging."""
+    try:
+        header = _parse_header(frames[0])
+        if header.get("proto") != PROTOCOL_ID or header.get("v") != PROTOCOL_VERSION or header.get("type") != "JOB":
+            return None
+        return hex64_field(header.get("work_id"), "work_id"), int_field(header.get("attempt"), "attempt", 1)
+    except (ProtocolError, IndexError, TypeError):
+        return None
 
 
 # ---- socket options: the one place they are set ----

@@ -22,7 +22,7 @@ def use_threads(count: int | None) -> None:
 
     torch.set_num_threads(count)
     try:
-        torch.set_interop_threads(count)
+        torch.set_num_interop_threads(count)
     except RuntimeError:
         pass  # only settable before the first parallel op; the intra-op count is what matters here
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sdxl_split.shared.digests import DigestMemo
 from sdxl_split.shared.errors import ModelNotFoundError, UserError
 from sdxl_split.shared.models.architectures import ARCHITECTURES, MARKER_FILE
 
@@ -162,6 +163,27 @@ def resolve_model(
     return _hub_source(spec, revision)
 
 
+def text_widths(source: ModelSource) -> tuple[int, int] | None:
+    """(prompt_embeds width, pooled width) this model's text encoders produce, from their configs alone; None
+    when the configs are not on disk (a hub model seen only through its model_index.json)."""
+    if source.config_dir is None:
+        return None
+    try:
+        first = json.loads((source.config_dir / "text_encoder" / "config.json").read_text())
+        second = json.loads((source.config_dir / "text_encoder_2" / "config.json").read_text())
+        return int(first["hidden_size"]) + int(second["hidden_size"]), int(second["projection_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def display_name(source: ModelSource) -> str:
+    """The model's name as A1111 writes it in `Model:`: a hub id, a built-in name, a checkpoint's file stem or a
+    folder's name; never a local path, which would leak into every shared image."""
+    if source.kind == "hub":
+        return source.spec
+    return Path(source.location).stem if source.kind == "single_file" else Path(source.location).name
+
+
 def model_index(source: ModelSource) -> dict:
     """The model's model_index.json, readable without loading any weights."""
     assert source.config_dir is not None
@@ -169,20 +191,6 @@ def model_index(source: ModelSource) -> dict:
         return json.loads((source.config_dir / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read model_index.json of {source.spec}: {err}") from None
-
-
-def _file_digest(path: Path, memo: dict[str, list]) -> str:
-    stat = path.stat()
-    key = str(path.resolve())
-    seen = memo.get(key)
-    if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
-        return seen[2]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    memo[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
-    return memo[key][2]
 
 
 def fingerprint(source: ModelSource, components: tuple[str, ...], cache_dir: Path) -> str:
@@ -193,14 +201,10 @@ def fingerprint(source: ModelSource, components: tuple[str, ...], cache_dir: Pat
     """
     if source.kind == "hub":
         return f"hub:{source.location}@{source.revision}"
-    memo_path = cache_dir / "fingerprints.json"
-    try:
-        memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        memo = {}
+    memo = DigestMemo(cache_dir)
     outer = hashlib.sha256()
     if source.kind == "single_file":
-        outer.update(_file_digest(Path(source.location), memo).encode())
+        outer.update(memo.sha256(Path(source.location)).encode())
     root = source.config_dir
     assert root is not None
     files = [root / "model_index.json"]
@@ -209,9 +213,6 @@ def fingerprint(source: ModelSource, components: tuple[str, ...], cache_dir: Pat
             files.extend(sorted(p for p in (root / component).rglob("*") if p.is_file()))
     for file in files:
         if file.is_file():
-            outer.update(str(file.relative_to(root)).encode() + b"\0" + _file_digest(file, memo).encode())
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo, sort_keys=True))
-    os.replace(tmp, memo_path)
+            outer.update(str(file.relative_to(root)).encode() + b"\0" + memo.sha256(file).encode())
+    memo.save()
     return f"sha256:{outer.hexdigest()}"

@@ -185,7 +185,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
     rogue.connect(link.endpoint)
-    header = {"proto": "sdxl-split", "v": 1, "type": "HEARTBEAT"}
+    header = {"proto": "sdxl-split", "v": 2, "type": "HEARTBEAT"}
     for frames in (
         [pickle.dumps({"type": "READY", "credits": 5})],
         [b"\x00\xffgarbage"],

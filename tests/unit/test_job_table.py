@@ -31,11 +31,11 @@ def table_with(jobs: int = 3, max_attempts: int = 2, finished=None) -> tuple[Job
     return table, seen
 
 
-def send_all(table: JobTable) -> list[tuple[str, bytes]]:
+def send_all(table: JobTable, now: float = 0.0) -> list[tuple[str, bytes]]:
     out = []
     while (pick := table.pick()) is not None:
         job, worker = pick
-        table.sent(job, worker)
+        table.sent(job, worker, now=now)
         out.append((job.work_id, worker.identity))
     return out
 
@@ -112,15 +112,68 @@ def test_a_job_failed_by_the_only_live_denoiser_still_runs_there_but_waits_for_a
     assert send_all(table) == [("job0", B)]
 
 
-def test_jobs_lost_again_and_again_are_dead_lettered_with_more_leeway() -> None:
+def test_a_flapping_denoiser_is_quarantined_and_cannot_bury_a_good_job() -> None:
     table, seen = table_with(jobs=1, max_attempts=2)
-    for attempt in range(1, 5):
-        table.attach(A, "a", credits=1, now=float(attempt))
+    for attempt in range(1, 8):  # READY, take the job, vanish; again and again, under one name
+        if table.attach(A, "flaky[7]@cpu", credits=1, now=float(attempt)) is None:
+            break
         assert send_all(table) == [("job0", A)]
-        table.lose(A, "a died")
-        if attempt < 4:
-            assert table.jobs["job0"].state is JobState.QUEUED
+        table.lose(A, "flaky vanished")
+    assert "flaky[7]@cpu" in table.quarantined and any("quarantined" in line for line in seen.reports)
+    assert attempt == 4, "refused from the fourth READY on"
+    assert table.jobs["job0"].state is JobState.QUEUED and seen.named("dead_letter") == []
+    table.attach(B, "good[8]@cpu", credits=1, now=9.0)
+    assert send_all(table) == [("job0", B)] and table.finish(B, "job0", 4, IMAGES, 1.0)
+
+
+def test_a_job_that_takes_down_one_denoiser_after_another_is_dead_lettered() -> None:
+    table, seen = table_with(jobs=1, max_attempts=2)
+    for n in range(4):  # 2 x max_attempts distinct denoisers, each killed by it (OOM, say)
+        identity = f"d{n}".encode()
+        table.attach(identity, f"gpu{n}[1]@cuda", credits=1, now=float(n))
+        assert send_all(table) == [("job0", identity)]
+        table.lose(identity, f"gpu{n} died")
     assert table.jobs["job0"].state is JobState.DEAD and seen.named("dead_letter") == ["job0"]
+
+
+def test_an_orderly_bye_with_queued_jobs_is_no_strike() -> None:
+    table, _ = table_with(jobs=2)
+    for n in range(5):
+        table.attach(A, "a", credits=2, now=float(n))
+        send_all(table)
+        table.lose(A, "a left", quiet=True, orderly=True)
+    assert not table.quarantined and table.counts()["queued"] == 2
+
+
+def test_a_denoiser_scoped_error_retries_elsewhere_without_counting_against_the_job() -> None:
+    table, _ = table_with(jobs=1, max_attempts=1)
+    table.attach(A, "a", credits=1, now=0.0)
+    table.attach(B, "b", credits=0, now=0.0)
+    send_all(table)
+    assert table.fail(A, "job0", 1, "No space left on device writing /out/x.png", scope="denoiser")
+    job = table.jobs["job0"]
+    assert job.state is JobState.QUEUED and job.failures == 0 and table.strikes == {"a": 1}
+    table.workers[B].credits = 1
+    assert send_all(table) == [("job0", B)]
+    assert table.fail(B, "job0", 2, "NaN latents")  # a job error: max_attempts 1 buries it
+    assert job.state is JobState.DEAD
+
+
+def test_a_denoiser_that_makes_no_progress_is_overdue_by_its_deadline() -> None:
+    table, _ = table_with(jobs=3)
+    table.job_timeout_s = None
+    table.attach(A, "a", credits=1, now=0.0)
+    table.attach(B, "b", credits=1, now=0.0)
+    send_all(table)
+    assert table.overdue(now=1000.0) == []  # the first job may compile: 1800 s
+    assert [w.identity for w, _ in table.overdue(now=1801.0)] == [A, B]
+    table.finish(A, "job0", 1, IMAGES, 2.0, now=1801.0)  # A's next deadline: max(120, 10 x 2 s)
+    send_all(table, now=1801.0)
+    late = {w.identity: limit for w, limit in table.overdue(now=1801.0 + 121.0)}
+    assert late[A] == 120.0 and late[B] == 1800.0
+    table.job_timeout_s = 5.0
+    assert [w.identity for w, _ in table.overdue(now=1801.0 + 6.0)] == [A, B]
+    assert table.overdue(now=1801.0 + 4.0) == [(table.workers[B], 5.0)]
 
 
 def test_draining_hands_out_nothing_new_but_accepts_what_is_out() -> None:
@@ -173,3 +226,40 @@ def test_credits_are_never_overdrawn(credits: int) -> None:
     table, _ = table_with(jobs=10)
     table.attach(A, "a", credits=credits, now=0.0)
     assert len(send_all(table)) == credits and table.workers[A].credits == 0
+
+
+def test_a_denoiser_that_fails_every_job_is_quarantined_before_it_sinks_the_queue() -> None:
+    table, seen = table_with(jobs=4, max_attempts=3)
+    table.attach(A, "broken", credits=4, now=0.0)
+    for work_id, _ in send_all(table):
+        table.fail(A, work_id, 1, "broken on purpose")
+    assert "broken" in table.quarantined and A not in table.workers
+    assert seen.named("dead_letter") == [] and table.counts()["queued"] == 4
+    table.attach(B, "healthy", credits=1, now=1.0)
+    for _ in range(4):
+        [(work_id, _)] = send_all(table)
+        assert table.finish(B, work_id, 2, IMAGES, 1.0)
+    assert table.counts()["done"] == 4
+
+
+def test_one_poison_job_on_the_only_denoiser_is_dead_lettered_without_quarantining_it() -> None:
+    table, seen = table_with(jobs=2, max_attempts=3)
+    table.attach(A, "only", credits=1, now=0.0)
+    for attempt in (1, 2, 3):
+        [(work_id, _)] = send_all(table)
+        assert work_id == "job0"
+        table.fail(A, "job0", attempt, "NaN latents")
+    assert seen.named("dead_letter") == ["job0"] and not table.quarantined
+    assert send_all(table) == [("job1", A)]
+
+
+def test_a_failed_job_waits_for_a_denoiser_that_is_still_loading() -> None:
+    table, _ = table_with(jobs=1, max_attempts=3)
+    table.attach(A, "a", credits=1, now=0.0)
+    send_all(table)
+    table.heard(B, now=0.5)  # B heartbeats before its READY: its model is loading
+    table.fail(A, "job0", 1, "flaky")
+    assert table.pick() is None, "it must wait for B, not go back to A"
+    table.silent(now=10.0, timeout_s=3.0)  # B went quiet: forgotten, so A may retry it
+    table.heard(A, now=10.0)
+    assert send_all(table) == [("job0", A)]

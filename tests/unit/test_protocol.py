@@ -17,6 +17,7 @@ from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.protocol import (
     DEFAULT_MAX_PAYLOAD,
     MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
     Bye,
     Dead,
     Done,
@@ -74,6 +75,7 @@ SIMPLE_MESSAGES = [
          seconds=3.5),
     Done(work_id=JOB_ID, attempt=1, images=(), seconds=0.0),
     Error(work_id=JOB_ID, attempt=3, reason="CUDA out of memory ☹"),
+    Error(work_id=JOB_ID, attempt=1, reason="no space left on device", scope="denoiser"),
     Heartbeat(),
     Dead(reason="model failed to load"),
     Bye(reason=""),
@@ -86,7 +88,7 @@ def test_simple_messages_round_trip(msg) -> None:
     frames = encode(msg)
     assert len(frames) == 1
     header = header_of(frames)
-    assert header["proto"] == "sdxl-split" and header["v"] == 1 and header["type"] == msg.TYPE
+    assert header["proto"] == "sdxl-split" and header["v"] == PROTOCOL_VERSION and header["type"] == msg.TYPE
     assert decode(frames) == msg
 
 
@@ -146,7 +148,7 @@ def test_rejects_unknown_type_and_foreign_protocol() -> None:
     expect_refused(with_header(good, proto="other"), "not an sdxl-split message")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", True, None, 1.5])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", True, None, 1.5])
 def test_rejects_other_protocol_versions_naming_them(version) -> None:
     err = expect_refused(with_header(encode(Heartbeat()), v=version), "protocol version")
     assert repr(str(version)) in str(err)
@@ -411,7 +413,7 @@ def test_deeply_nested_safetensors_header_is_a_protocol_error() -> None:
 
     body = b"[" * 5000 + b"]" * 5000
     payload = struct.pack("<Q", len(body)) + body
-    header = json.dumps({"proto": "sdxl-split", "v": 1, "type": "JOB", "work_id": "a" * 64, "attempt": 1,
+    header = json.dumps({"proto": "sdxl-split", "v": 2, "type": "JOB", "work_id": "a" * 64, "attempt": 1,
                          "embedding_key": "b" * 64, "entry": {"line": 1, "prompt": "x", "prompt_2": None,
                          "negative_prompt": None, "negative_prompt_2": None, "seed": None, "count": None,
                          "id": None}}).encode()

@@ -1,0 +1,49 @@
+"""sha256 of big files (model weights, LoRAs, embeddings), memoised under the cache dir by (path, size, mtime), so
+only the first run after a file changes pays for reading it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+class DigestMemo:
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / "fingerprints.json"
+        try:
+            self.memo: dict[str, list] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            self.memo = {}
+        self._changed = False
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key = str(file.resolve())
+        seen = self.memo.get(key)
+        if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
+            return seen[2]
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        self.memo[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        self._changed = True
+        return self.memo[key][2]
+
+    def save(self) -> None:
+        if not self._changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.memo, sort_keys=True))
+        os.replace(tmp, self.path)
+        self._changed = False
+
+
+def file_sha256(file: Path, cache_dir: Path) -> str:
+    memo = DigestMemo(cache_dir)
+    digest = memo.sha256(file)
+    memo.save()
+    return digest
