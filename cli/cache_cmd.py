@@ -115,7 +115,7 @@ def verify(ctx: click.Context, delete_bad: bool) -> None:
     """
     opts: GlobalOptions = ctx.obj
     widths = None
-    if ctx.parent is not None and ctx.parent.get_parameter_source("model") != click.core.ParameterSource.DEFAULT:
+    if ctx.find_root().get_parameter_source("model") != click.core.ParameterSource.DEFAULT:
         from sdxl_split.cli.common import resolve
         from sdxl_split.shared.models.resolve import text_widths
 

@@ -7,10 +7,10 @@ dead-lettering lives here, and tests/unit drives it directly.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from sdxl_split.encoder_service.deadlines import overdue
+from sdxl_split.encoder_service.job_records import Job, JobState, Worker
 from sdxl_split.shared.prompts import PromptEntry
 
 # (event, work id, fields) -> the journal; (message) -> the user.
@@ -20,58 +20,9 @@ Report = Callable[[str], None]
 Finished = dict[tuple[str, str, str], list[dict]]
 
 
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    DONE = "done"
-    DEAD = "dead"
-
-
-@dataclass
-class Job:
-    """Only the key is held: the record and its bytes are read from the cache when sent, so the encoder's
-    memory stays flat however many prompts are queued."""
-
-    work_id: str
-    entry: PromptEntry
-    embedding_key: str
-    attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
-    failures: int = 0  # ERRORs its own content caused
-    # Denoisers that died, left or hung holding it: a job that takes down one denoiser after another is buried.
-    lost_on: set[str] = field(default_factory=set)
-    worker: bytes | None = None
-    failed_on: set[bytes] = field(default_factory=set)
-    state: JobState = JobState.QUEUED
-
-
-@dataclass
-class Worker:
-    identity: bytes
-    name: str
-    credits: int
-    last_seen: float
-    out_dir: str = ""
-    settings_id: str = ""
-    inflight: set[str] = field(default_factory=set)
-    # When it last finished something, or took its first job while idle: a render that hangs stops this clock.
-    last_progress: float = 0.0
-    # Seconds of its slowest finished job: the default deadline scales with it.
-    slowest_job_s: float = 0.0
-    finished_jobs: int = 0
-    # Distinct jobs it failed before finishing any: a denoiser that fails everything is broken, not the jobs.
-    failed_jobs: set[str] = field(default_factory=set)
-
-
 # A denoiser that loses this many jobs (dies, leaves or hangs holding them, or says it cannot render them) is
 # quarantined: a flapping or hostile peer must not sink good jobs, so the count is held against the denoiser.
 QUARANTINE_STRIKES = 3
-# Deadlines for a job on a denoiser without --job-timeout: the first job may compile for minutes; later ones get
-# a generous multiple of that denoiser's slowest job, never less than a floor.
-FIRST_JOB_TIMEOUT_S = 1800.0
-JOB_TIMEOUT_MULTIPLE = 10.0
-JOB_TIMEOUT_FLOOR_S = 120.0
-
-
 class JobTable:
     def __init__(self, max_attempts: int, log: Log, report: Report, finished: Finished | None = None,
                  job_timeout_s: float | None = None) -> None:
@@ -187,21 +138,7 @@ class JobTable:
 
     def overdue(self, now: float) -> list[tuple[Worker, float]]:
         """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""
-        late = []
-        for worker in self.workers.values():
-            if not worker.inflight:
-                continue
-            limit = self.deadline(worker)
-            if now - worker.last_progress > limit:
-                late.append((worker, limit))
-        return late
-
-    def deadline(self, worker: Worker) -> float:
-        if self.job_timeout_s is not None:
-            return self.job_timeout_s
-        if not worker.slowest_job_s:
-            return FIRST_JOB_TIMEOUT_S
-        return max(JOB_TIMEOUT_FLOOR_S, JOB_TIMEOUT_MULTIPLE * worker.slowest_job_s)
+        return overdue(self.workers.values(), now, self.job_timeout_s)
 
     # ---- dispatch ----
     def pick(self, blocked: set[bytes] = frozenset()) -> tuple[Job, Worker] | None:  # type: ignore[assignment]

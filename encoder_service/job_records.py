@@ -1,0 +1,50 @@
+"""What the job table knows of each job and each denoiser: plain records, changed only by the table."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from sdxl_split.shared.prompts import PromptEntry
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    DONE = "done"
+    DEAD = "dead"
+
+
+@dataclass
+class Job:
+    """Only the key is held: the record and its bytes are read from the cache when sent, so the encoder's
+    memory stays flat however many prompts are queued."""
+
+    work_id: str
+    entry: PromptEntry
+    embedding_key: str
+    attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
+    failures: int = 0  # ERRORs its own content caused
+    # Denoisers that died, left or hung holding it: a job that takes down one denoiser after another is buried.
+    lost_on: set[str] = field(default_factory=set)
+    worker: bytes | None = None
+    failed_on: set[bytes] = field(default_factory=set)
+    state: JobState = JobState.QUEUED
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    name: str
+    credits: int
+    last_seen: float
+    out_dir: str = ""
+    settings_id: str = ""
+    inflight: set[str] = field(default_factory=set)
+    # When it last finished something, or took its first job while idle: a render that hangs stops this clock.
+    last_progress: float = 0.0
+    # Seconds of its slowest finished job: the default deadline scales with it.
+    slowest_job_s: float = 0.0
+    finished_jobs: int = 0
+    # Distinct jobs it failed before finishing any: a denoiser that fails everything is broken, not the jobs.
+    failed_jobs: set[str] = field(default_factory=set)
