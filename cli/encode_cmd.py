@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from sdxl_split.cli.common import check_device, check_endpoint, default_dtype, notice, print_json, resolve
-from sdxl_split.cli.options import command_for, encoding_options, link_options, threads_option
+from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, resolve
+from sdxl_split.cli.options import Encoding, command_for, encoding_options, link_options, threads_option
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -22,10 +22,9 @@ from sdxl_split.shared.settings import GlobalOptions
 @link_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_obj
-def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
-           encoder_dtype: str | None, encoder_device: str, batch_size: int, threads: int | None, bind: str,
-           wait_s: float, curve_dir: Path | None, max_attempts: int, job_timeout: float | None, throttle: float,
-           as_json: bool) -> None:
+def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | None, bind: str, wait_s: float,
+           curve_dir: Path | None, max_attempts: int, job_timeout: float | None, throttle: float, as_json: bool,
+           **kw) -> None:
     """Encode every prompt of PROMPTS into the embedding cache and stream them to denoisers.
 
     PROMPTS is plain text (one prompt per line; blank and # lines skipped) or JSONL with the fields
@@ -43,8 +42,9 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
     from sdxl_split.shared.processes import install_stop_handlers
     from sdxl_split.shared.wakeup import StopFlag
 
-    spec = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device, batch_size, bind,
-                       wait_s, curve_dir, max_attempts, throttle, threads, job_timeout)
+    encoding = Encoding.pop_from(kw)
+    spec = encode_spec(opts, prompts, encoding, batch_size, bind, wait_s, curve_dir, max_attempts, throttle,
+                       threads, job_timeout)
     stop = StopFlag()
     install_stop_handlers(stop)
     with EncodeProgress(len(spec.entries), disable=as_json) as progress:
@@ -53,30 +53,27 @@ def encode(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip
     if as_json:
         print_json(summary)
     else:
-        print_summary(summary, spec, command_for(opts, ["render", "--prompts"], prompts, negative_prompt, clip_skip,
-                                                 spec.config.dtype))
+        print_summary(summary, spec, command_for(opts, ["render", "--prompts"], prompts, encoding))
     if some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
 
 
-def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None, clip_skip: int | None,
-                encoder_dtype: str | None, encoder_device: str, batch_size: int, bind: str, wait_s: float,
+def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_size: int, bind: str, wait_s: float,
                 curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None,
                 job_timeout: float | None = None):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
     from sdxl_split.encoder_service.config import EncodeConfig
     from sdxl_split.encoder_service.dispatcher import LinkConfig
     from sdxl_split.encoder_service.service import EncodeSpec
-    from sdxl_split.shared.embeddings import encoding_settings
     from sdxl_split.shared.prompts import parse_prompt_file
     from sdxl_split.shared.security import is_loopback
 
-    prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
+    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
     for warning in prompt_file.warnings:
         notice(f"warning: {warning}")
-    device = check_device(encoder_device, "--encoder-device")
-    config = EncodeConfig(device=device, dtype=default_dtype(device, encoder_dtype), clip_skip=clip_skip,
-                          batch_size=batch_size, threads=threads)
+    device = check_device(encoding.encoder_device, "--encoder-device")
+    config = EncodeConfig(device=device, dtype=encoding.dtype, clip_skip=encoding.clip_skip, batch_size=batch_size,
+                          threads=threads)
     check_endpoint(bind, "--bind")
     if curve_dir is None and not is_loopback(bind):
         notice(f"warning: {bind} is reachable from other hosts and --curve is off: anyone who can reach it "
@@ -84,7 +81,7 @@ def encode_spec(opts: GlobalOptions, prompts: Path, negative_prompt: str | None,
     source = resolve(opts)
     return EncodeSpec(
         prompts_path=prompts, entries=prompt_file.entries, skipped_lines=prompt_file.skipped_lines, source=source,
-        settings=encoding_settings(source, opts.cache_dir, config.dtype, config.clip_skip), cache_dir=opts.cache_dir,
+        settings=encoding.settings(source, opts.cache_dir), cache_dir=opts.cache_dir,
         config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts,
                                        job_timeout_s=job_timeout),
         wait_s=wait_s, throttle_s=throttle)

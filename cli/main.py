@@ -46,6 +46,7 @@ COMMANDS = {
     "encode": "sdxl_split.cli.encode_cmd:encode",
     "keys": "sdxl_split.cli.keys_cmd:keys",
     "model": "sdxl_split.cli.model_cmd:model",
+    "prompt": "sdxl_split.cli.prompt_cmd:prompt",
     "render": "sdxl_split.cli.render_cmd:render",
     "run": "sdxl_split.cli.run_cmd:run",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from sdxl_split.denoiser_service.config import (
     parse_size,
     validate,
 )
+from sdxl_split.shared.prompts import SYNTAXES
 from sdxl_split.shared.settings import GlobalOptions
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5577"
@@ -29,10 +31,42 @@ def _apply(func, options: list):
     return func
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """What encoding_options chose: everything that, with the model, decides the embeddings."""
+
+    negative_prompt: str | None
+    clip_skip: int | None
+    encoder_dtype: str | None
+    encoder_device: str
+    prompt_syntax: str
+
+    @classmethod
+    def pop_from(cls, kw: dict) -> Encoding:
+        """Take encoding_options' values out of a command's keyword arguments."""
+        return cls(**{name: kw.pop(name) for name in ("negative_prompt", "clip_skip", "encoder_dtype",
+                                                      "encoder_device", "prompt_syntax")})
+
+    @property
+    def dtype(self) -> str:
+        return default_dtype(self.encoder_device, self.encoder_dtype)
+
+    def settings(self, source, cache_dir: Path):
+        from sdxl_split.shared.embeddings import encoding_settings
+
+        return encoding_settings(source, cache_dir, self.dtype, self.clip_skip, self.prompt_syntax)
+
+
 def encoding_options(func):
     """Options that change the embeddings; `render --prompts` takes the same ones to find them."""
     return _apply(func, [
         click.option("--negative-prompt", default=None, help="Negative prompt for every line that has none."),
+        click.option("--prompt-syntax", type=click.Choice(SYNTAXES), default="plain", show_default=True,
+                     help="How prompts are read: plain (as diffusers: 77 tokens, no weights), a1111 (A1111's "
+                          "(word:1.3), [word], BREAK, chunks past 77 tokens), comfy (the same syntax with "
+                          "ComfyUI's weighting), compel (compel's word++, .and(), .blend(); needs the compel "
+                          "extra). A JSONL `syntax` field overrides it per line; `sdxl-split prompt explain` "
+                          "shows how a prompt compiles."),
         click.option("--clip-skip", type=click.IntRange(0, 10), default=None,
                      help="Skip this many final CLIP layers (as diffusers' clip_skip)."),
         click.option("--encoder-dtype", "encoder_dtype", type=click.Choice(DTYPE_CHOICES), default=None,
@@ -150,14 +184,15 @@ def render_config_from(kw: dict) -> RenderConfig:
     return config
 
 
-def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, negative_prompt: str | None,
-                clip_skip: int | None, dtype: str) -> str:
+def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, encoding: Encoding) -> str:
     """A copy-pasteable command with the same model and the encoding options that select the cache keys."""
     words = ["sdxl-split", "--model", opts.model, *verb, str(prompts)]
-    if negative_prompt is not None:
-        words += ["--negative-prompt", negative_prompt]
-    if clip_skip:
-        words += ["--clip-skip", str(clip_skip)]
-    if dtype != "fp32":
-        words += ["--encoder-dtype", dtype]
+    if encoding.negative_prompt is not None:
+        words += ["--negative-prompt", encoding.negative_prompt]
+    if encoding.clip_skip:
+        words += ["--clip-skip", str(encoding.clip_skip)]
+    if encoding.dtype != "fp32":
+        words += ["--encoder-dtype", encoding.dtype]
+    if encoding.prompt_syntax != "plain":
+        words += ["--prompt-syntax", encoding.prompt_syntax]
     return shlex.join(words)

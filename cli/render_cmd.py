@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from sdxl_split.cli.common import check_endpoint, default_dtype, notice, print_json, resolve
+from sdxl_split.cli.common import check_endpoint, notice, print_json, resolve
 from sdxl_split.cli.options import (
     DEFAULT_ENDPOINT,
+    Encoding,
     command_for,
     credits_option,
     encoding_options,
@@ -41,10 +42,8 @@ MAX_LISTED = 10
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_context
 def render(ctx: click.Context, prompts: Path | None, connect: str | None, credits: int, serve: bool,
-           curve_dir: Path | None, job_delay: float, hang_on_job: int, threads: int | None,
-           negative_prompt: str | None,
-           clip_skip: int | None,
-           encoder_dtype: str | None, encoder_device: str, as_json: bool, **kw) -> None:
+           curve_dir: Path | None, job_delay: float, hang_on_job: int, threads: int | None, as_json: bool,
+           **kw) -> None:
     """Render images with the UNet and a VAE only; no text encoder is ever loaded.
 
     Without --prompts, connects to an encoder (`sdxl-split encode`, default endpoint
@@ -58,6 +57,7 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     so re-running renders only what is missing and no image is written twice.
     """
     opts: GlobalOptions = ctx.obj
+    encoding = Encoding.pop_from(kw)
     config = render_config_from(kw)
     if prompts is None:
         spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
@@ -67,16 +67,15 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
         raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
     from sdxl_split.denoiser_service.service import find_cached, render_jobs
     from sdxl_split.shared.embedding_cache import EmbeddingCache
-    from sdxl_split.shared.embeddings import encoding_settings
     from sdxl_split.shared.memory import format_memory_line
     from sdxl_split.shared.prompts import parse_prompt_file
 
-    prompt_file = parse_prompt_file(prompts, default_negative=negative_prompt)
+    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
     for warning in prompt_file.warnings:
         notice(f"warning: {warning}")
     check_seeds(prompts, prompt_file.entries, config)
     spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
-    settings = encoding_settings(spec.source, opts.cache_dir, default_dtype(encoder_device, encoder_dtype), clip_skip)
+    settings = encoding.settings(spec.source, opts.cache_dir)
     jobs, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
         notice(f"missing embeddings for {prompts}:{entry.line} {entry.prompt[:60]!r}"
@@ -84,7 +83,7 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     if len(missing) > MAX_LISTED:
         notice(f"... and {len(missing) - MAX_LISTED} more")
     if missing:
-        encode = command_for(opts, ["encode"], prompts, negative_prompt, clip_skip, settings.dtype)
+        encode = command_for(opts, ["encode"], prompts, encoding)
         notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: {encode}")
     with tqdm(total=sum(job.count for job in jobs), unit="img", desc="render", disable=True if as_json else None,
               leave=False) as bar:

@@ -12,6 +12,7 @@ import click
 from sdxl_split.cli.common import notice
 from sdxl_split.cli.encode_cmd import encode_spec
 from sdxl_split.cli.options import (
+    Encoding,
     credits_option,
     encoding_options,
     job_timeout_option,
@@ -39,9 +40,7 @@ ENCODER_WAIT_S = 30.0
 @click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: denoisers sleep before each job.")
 @click.pass_obj
 def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_attempts: int,
-        job_timeout: float | None, job_delay: float,
-        negative_prompt: str | None, clip_skip: int | None, encoder_dtype: str | None, encoder_device: str,
-        **kw) -> None:
+        job_timeout: float | None, job_delay: float, **kw) -> None:
     """Encode PROMPTS and render them, each side in its own process, on this machine.
 
     The encoder runs on --encoder-device (cpu), the denoiser(s) on --device (cuda if present).
@@ -59,17 +58,18 @@ def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_at
     from sdxl_split.shared.supervisor import ChildSpec, supervise
     from sdxl_split.shared.threads import shares
 
+    choice = Encoding.pop_from(kw)
     config = render_config_from(kw)
     workdir = Path(tempfile.mkdtemp(prefix="sdxl-split-"))
     try:
         endpoint = f"ipc://{workdir}/link.ipc"
         # Everything is checked and resolved here, once: the children get frozen specs, not command lines.
-        on_cpu = int(encoder_device == "cpu") + (denoisers if config.device == "cpu" else 0)
+        encoder_on_cpu = choice.encoder_device == "cpu"
+        on_cpu = int(encoder_on_cpu) + (denoisers if config.device == "cpu" else 0)
         cpu_threads, gpu_threads = shares(on_cpu, 0 if config.device == "cpu" else denoisers)
-        encoding = encode_spec(opts, prompts, negative_prompt, clip_skip, encoder_dtype, encoder_device,
-                               batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S, curve_dir=None,
-                               max_attempts=max_attempts, job_timeout=job_timeout,
-                               threads=cpu_threads if encoder_device == "cpu" else gpu_threads)
+        encoding = encode_spec(opts, prompts, choice, batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S,
+                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout,
+                               threads=cpu_threads if encoder_on_cpu else gpu_threads)
         check_seeds(prompts, encoding.entries, config)
         serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source, metadata=kw["metadata"],
                                                    threads=cpu_threads if config.device == "cpu" else gpu_threads),

@@ -17,7 +17,7 @@ from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.digests import file_sha256
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
+from sdxl_split.shared.embeddings import EncodingSettings, entry_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.memory import MemoryMeter
@@ -95,7 +95,7 @@ def find_cached(spec: DenoiserSpec, entries: tuple[PromptEntry, ...], settings: 
     jobs: list[RenderJob] = []
     missing: list[tuple[PromptEntry, str | None]] = []
     for entry in entries:
-        found = cache.lookup(embedding_key(entry.texts(), settings))
+        found = cache.lookup(entry_key(entry, settings))
         if isinstance(found, Hit):
             jobs.append(make_job(entry, found.record, spec.config, spec.identity))
         else:

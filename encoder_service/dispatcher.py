@@ -83,8 +83,8 @@ class Dispatcher:
         then dispatch, heartbeat and purge. Returns as soon as anything happened: callers loop."""
         wait_s = min(timeout_s, max(0.0, self._next_beat - time.monotonic()))
         events = dict(self._poller.poll(wait_s * 1000))
-        if self.wakeup in events:
-            self.wakeup.clear()
+        # pyzmq reports a plain fd by its number, not the object: clear unconditionally (a non-blocking read).
+        self.wakeup.clear()
         if self.socket in events:
             while self.socket.poll(0, zmq.POLLIN):
                 self._receive()

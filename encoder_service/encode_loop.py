@@ -9,7 +9,7 @@ from itertools import groupby
 from typing import TYPE_CHECKING
 
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, entry_key
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
 
@@ -41,8 +41,32 @@ class EncodeStats:
         return {**asdict(self), "prompts_per_s": self.prompts_per_s}
 
 
-def entry_key(entry: PromptEntry, settings: EncodingSettings) -> str:
-    return embedding_key(entry.texts(), settings)
+def _encoded(misses: list[tuple[str, PromptEntry]], text_side: TextSide, settings: EncodingSettings,
+             batch_size: int, should_stop: Callable[[], bool], warn: Callable[[str], None]):
+    """(key, entry, encoded) for each miss: plain prompts in batches (never mixing prompts with and without a
+    negative, since diffusers zeroes negatives per call), compiled syntaxes one prompt at a time."""
+    from sdxl_split.encoder_service.prompt_compiler import PromptTooLong
+
+    plain = sorted(((k, e) for k, e in misses if settings.for_entry(e).syntax == "plain"),
+                   key=lambda item: item[1].negative_prompt is None)
+    for _, same_mode in groupby(plain, key=lambda item: item[1].negative_prompt is None):
+        same_mode = list(same_mode)
+        for start in range(0, len(same_mode), batch_size):
+            if should_stop():
+                return
+            batch = same_mode[start : start + batch_size]
+            for (key, entry), encoded in zip(batch, text_side.encode([e for _, e in batch], settings.clip_skip)):
+                yield key, entry, encoded
+    for key, entry in misses:
+        syntax = settings.for_entry(entry).syntax
+        if syntax == "plain":
+            continue
+        if should_stop():
+            return
+        try:
+            yield key, entry, text_side.encode_compiled(entry, settings.clip_skip, syntax)
+        except PromptTooLong as err:
+            warn(f"line {entry.line}: skipped: the prompt compiles to {err}")
 
 
 def run_encode(
@@ -87,25 +111,17 @@ def run_encode(
         with meter.phase("load"):
             text_side = load_text_side()
         stats.models_loaded = True
-        # Batches never mix prompts with and without a negative: diffusers zeroes negatives per call.
-        misses.sort(key=lambda item: item[1].negative_prompt is None)
         with meter.phase("encode"):
-            for _, same_mode in groupby(misses, key=lambda item: item[1].negative_prompt is None):
-                same_mode = list(same_mode)
-                for start in range(0, len(same_mode), batch_size):
-                    if should_stop():
-                        break
-                    batch = same_mode[start : start + batch_size]
-                    for (key, entry), encoded in zip(batch, text_side.encode([e for _, e in batch],
-                                                                            settings.clip_skip)):
-                        for name, tail in encoded.dropped.items():
-                            shown = tail if len(tail) <= 120 else tail[:120] + "..."
-                            warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {shown!r}")
-                        record = Embeddings(key=key, texts=entry.texts(), settings=settings,
-                                            tensors=encoded.tensors, truncated=bool(encoded.dropped))
-                        stats.truncated += int(record.truncated)
-                        data = cache.store(record)
-                        stats.encoded += 1
-                        deliver(key, record, data)
+            for key, entry, encoded in _encoded(misses, text_side, settings, batch_size, should_stop, warn):
+                for name, tail in encoded.dropped.items():
+                    shown = tail if len(tail) <= 120 else tail[:120] + "..."
+                    warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {shown!r} (a "
+                         "chunking --prompt-syntax such as a1111 keeps it)")
+                record = Embeddings(key=key, texts=entry.texts(), settings=settings.for_entry(entry),
+                                    tensors=encoded.tensors, truncated=bool(encoded.dropped))
+                stats.truncated += int(record.truncated)
+                data = cache.store(record)
+                stats.encoded += 1
+                deliver(key, record, data)
     stats.seconds = time.perf_counter() - started
     return stats

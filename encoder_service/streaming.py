@@ -98,6 +98,9 @@ def run_streaming_encode(
         def encode(self, batch: list[PromptEntry], clip_skip: int | None) -> list:
             return serving(lambda: self.inner.encode(batch, clip_skip))
 
+        def encode_compiled(self, entry: PromptEntry, clip_skip: int | None, syntax: str):
+            return serving(lambda: self.inner.encode_compiled(entry, clip_skip, syntax))
+
     def load_while_serving() -> ServedTextSide:
         return ServedTextSide(serving(load_text_side))
 

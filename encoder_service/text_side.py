@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES
+from sdxl_split.shared.embeddings import CHUNK_LEN, DTYPES, TENSOR_NAMES
+from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
@@ -35,6 +36,8 @@ class TextSide:
         # [1, ...]. diffusers encodes the negative in forward passes of its own, which never see the positive
         # prompt, so one encoding of a run's shared negative serves every prompt, bit for bit.
         self._negatives: OrderedDict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._compiler = None  # the a1111/comfy compiler, made on first use
+        self._compel_for_sdxl = None
 
     def _dropped_tail(self, text: str | None) -> str:
         """What CLIP's truncation drops, decoded the way diffusers reports it."""
@@ -92,3 +95,58 @@ class TextSide:
             dropped = {field: tail for field, text in entry.texts().items() if (tail := self._dropped_tail(text))}
             results.append(EncodedPrompt(tensors=tensors, dropped=dropped))
         return results
+
+    @torch.inference_mode()
+    def encode_compiled(self, entry: PromptEntry, clip_skip: int | None, syntax: str) -> EncodedPrompt:
+        """One prompt in a1111, comfy or compel syntax: [1, 77*k, 2048] tensors, nothing truncated."""
+        if syntax == "compel":
+            tensors = self._compel(entry)
+        else:
+            tensors = self._chunked(entry, clip_skip, syntax)
+        dtype = self.pipe.text_encoder_2.dtype
+        return EncodedPrompt(tensors={name: tensors[name].to(dtype=dtype).to("cpu").clone() for name in TENSOR_NAMES},
+                             dropped={})
+
+    def _zero_negative(self, entry: PromptEntry) -> bool:
+        """diffusers' rule: no negative prompt and force_zeros_for_empty_prompt make the negatives zeros."""
+        return (entry.negative_prompt is None and not entry.negative_prompt_2
+                and bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)))
+
+    def _chunked(self, entry: PromptEntry, clip_skip: int | None, syntax: str) -> dict[str, torch.Tensor]:
+        from sdxl_split.encoder_service.prompt_compiler import PromptCompiler, pad_to
+
+        if self._compiler is None:
+            self._compiler = PromptCompiler(self.pipe, self.device)
+        compiler = self._compiler
+        # As diffusers: --clip-skip picks the positive's layer; negatives always use the penultimate one.
+        layer = -(clip_skip + 2) if clip_skip else -2
+        positive, pooled = compiler.encode(entry.prompt, entry.prompt_2 or entry.prompt, syntax, layer)
+        if self._zero_negative(entry):
+            negative, negative_pooled = torch.zeros_like(positive), torch.zeros_like(pooled)
+        else:
+            pair = (f"{syntax}:{entry.negative_prompt or ''}", entry.negative_prompt_2 or entry.negative_prompt)
+            if pair not in self._negatives:
+                self._remember(pair, *compiler.encode(entry.negative_prompt or "", pair[1] or "", syntax, -2))
+            negative, negative_pooled = self._negatives[pair]
+        chunks = max(positive.shape[1], negative.shape[1]) // CHUNK_LEN
+        if not self._zero_negative(entry):
+            positive, negative = pad_to(positive, chunks, compiler), pad_to(negative, chunks, compiler)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
+    def _compel(self, entry: PromptEntry) -> dict[str, torch.Tensor]:
+        if self._compel_for_sdxl is None:
+            try:
+                from compel import CompelForSDXL
+            except ImportError:
+                raise UserError("--prompt-syntax compel needs the compel package: pip install "
+                                "'sdxl-split[compel]'") from None
+            self._compel_for_sdxl = CompelForSDXL(self.pipe, device=str(self.device))
+        zero = self._zero_negative(entry)
+        out = self._compel_for_sdxl(entry.prompt, style_prompt=entry.prompt_2,
+                                    negative_prompt=None if zero else entry.negative_prompt or "",
+                                    negative_style_prompt=None if zero else entry.negative_prompt_2)
+        negative = torch.zeros_like(out.embeds) if zero else out.negative_embeds
+        negative_pooled = torch.zeros_like(out.pooled_embeds) if zero else out.negative_pooled_embeds
+        return {"prompt_embeds": out.embeds, "negative_prompt_embeds": negative,
+                "pooled_prompt_embeds": out.pooled_embeds, "negative_pooled_prompt_embeds": negative_pooled}

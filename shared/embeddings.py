@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sdxl_split.shared.models.resolve import TEXT_COMPONENTS, ModelSource, fingerprint, model_index
-from sdxl_split.shared.prompts import MAX_TEXT_CHARS
+from sdxl_split.shared.prompts import MAX_TEXT_CHARS, SYNTAXES, PromptEntry
 
 SCHEMA = "sdxl-split/embeddings"
-SCHEMA_VERSION = 2
+# 3: settings carry the prompt syntax and its compiler; embeddings may be 77*k tokens long.
+SCHEMA_VERSION = 3
 # In the order diffusers' encode_prompt returns them.
 TENSOR_NAMES = (
     "prompt_embeds",
@@ -29,8 +30,11 @@ TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
-# Bounds that any SDXL-family text side sits well inside; anything bigger is refused before allocating.
-MAX_SEQ_LEN = 256
+# Bounds that any SDXL-family text side sits well inside; anything bigger is refused before allocating. A
+# compiled prompt is up to MAX_CHUNKS chunks of CLIP's 77 tokens.
+CHUNK_LEN = 77
+MAX_CHUNKS = 8
+MAX_SEQ_LEN = CHUNK_LEN * MAX_CHUNKS
 MAX_WIDTH = 8192
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -47,13 +51,47 @@ class EncodingSettings:
     clip_skip: int | None
     dtype: str
     force_zeros: bool
+    # How the texts were read (shared.prompts.SYNTAXES), and the version of whatever compiled them: a new
+    # compiler never serves tensors an older one made.
+    syntax: str = "plain"
+    compiler: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if self.syntax not in SYNTAXES:
+            raise ValueError(f"syntax must be one of {SYNTAXES}")
+
+    def for_entry(self, entry: PromptEntry) -> EncodingSettings:
+        """The settings one line is encoded with: its own syntax (JSONL `syntax`) over the run's."""
+        syntax = entry.syntax or self.syntax
+        return replace(self, syntax=syntax, compiler=compiler_version(syntax))
 
 
-def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_skip: int | None) -> EncodingSettings:
+# Bumped whenever the a1111/comfy compiler would produce other tensors for the same text.
+CHUNK_COMPILER_VERSION = "1"
+
+
+def compiler_version(syntax: str) -> str | None:
+    if syntax == "plain":
+        return None
+    if syntax == "compel":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"compel-{version('compel')}"
+        except PackageNotFoundError:
+            return "compel-missing"
+    return f"{syntax}-{CHUNK_COMPILER_VERSION}"
+
+
+def entry_key(entry: PromptEntry, settings: EncodingSettings) -> str:
+    """The cache key of one prompt-file line under a run's settings."""
+    return embedding_key(entry.texts(), settings.for_entry(entry))
+
+
+def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_skip: int | None,
+                      syntax: str = "plain") -> EncodingSettings:
     """The settings a model and the encoding options give, as every cache key and lookup must see them."""
     # diffusers reads hidden_states[-(clip_skip + 2)]: 0 is the same layer as no clip skip, so one key.
     return EncodingSettings(
@@ -61,6 +99,8 @@ def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_ski
         clip_skip=clip_skip or None,
         dtype=dtype,
         force_zeros=bool(model_index(source).get("force_zeros_for_empty_prompt", True)),
+        syntax=syntax,
+        compiler=compiler_version(syntax),
     )
 
 
@@ -152,7 +192,10 @@ def _check_layout(header: dict[str, Any], body_len: int, dtype: str) -> None:
     seq = shapes["prompt_embeds"]
     pooled = shapes["pooled_prompt_embeds"]
     if len(seq) != 3 or seq[0] != 1 or not (1 <= seq[1] <= MAX_SEQ_LEN) or not (1 <= seq[2] <= MAX_WIDTH):
-        raise EmbeddingFormatError(f"prompt_embeds shape {seq} is not [1, tokens, width]")
+        raise EmbeddingFormatError(f"prompt_embeds shape {seq} is not [1, tokens, width] with at most "
+                                   f"{MAX_SEQ_LEN} tokens ({MAX_CHUNKS} chunks of {CHUNK_LEN})")
+    if seq[1] % CHUNK_LEN:
+        raise EmbeddingFormatError(f"prompt_embeds has {seq[1]} tokens, not whole chunks of {CHUNK_LEN}")
     if len(pooled) != 2 or pooled[0] != 1 or not (1 <= pooled[1] <= MAX_WIDTH):
         raise EmbeddingFormatError(f"pooled_prompt_embeds shape {pooled} is not [1, width]")
     if shapes["negative_prompt_embeds"] != seq or shapes["negative_pooled_prompt_embeds"] != pooled:
@@ -180,7 +223,8 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
             raise EmbeddingFormatError(f"metadata text {name} is not a string of sane length")
     if not isinstance(texts["prompt"], str):
         raise EmbeddingFormatError("metadata prompt must be a string")
-    expected = {"fingerprint": str, "clip_skip": (int, type(None)), "dtype": str, "force_zeros": bool}
+    expected = {"fingerprint": str, "clip_skip": (int, type(None)), "dtype": str, "force_zeros": bool,
+                "syntax": str, "compiler": (str, type(None))}
     if not isinstance(settings_raw, dict) or set(settings_raw) != set(expected):
         raise EmbeddingFormatError("metadata settings have the wrong fields")
     for name, kind in expected.items():
@@ -188,6 +232,10 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
             raise EmbeddingFormatError(f"metadata setting {name} has the wrong type")
     if settings_raw["dtype"] not in DTYPES:
         raise EmbeddingFormatError(f"metadata dtype {settings_raw['dtype']!r} is not one of {sorted(DTYPES)}")
+    if settings_raw["syntax"] not in SYNTAXES:
+        raise EmbeddingFormatError(f"metadata syntax {str(settings_raw['syntax'])[:20]!r} is not one of {SYNTAXES}")
+    if settings_raw["compiler"] is not None and len(settings_raw["compiler"]) > 64:
+        raise EmbeddingFormatError("metadata compiler is not a short version string")
     key = meta.get("key")
     if not isinstance(key, str) or len(key) != 64:
         raise EmbeddingFormatError("metadata key is missing")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
 
-JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id"}
+JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id", "syntax"}
+# How a prompt's text is read: as is (diffusers), A1111's or ComfyUI's weights and chunks, or compel's language.
+SYNTAXES = ("plain", "a1111", "comfy", "compel")
 _TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 MAX_COUNT = 64
 MAX_SEED = 2**63 - 1
@@ -28,6 +30,8 @@ class PromptEntry:
     seed: int | None = None
     count: int | None = None
     id: str | None = None
+    # This line's own --prompt-syntax (JSONL `syntax`); None: the run's.
+    syntax: str | None = None
 
     def texts(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in _TEXT_FIELDS}
@@ -67,9 +71,11 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise _fail(path, number, "'prompt' is required and must be a non-empty string")
-    for name in _TEXT_FIELDS[1:] + ("id",):
+    for name in _TEXT_FIELDS[1:] + ("id", "syntax"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise _fail(path, number, f"{name!r} must be a string")
+    if obj.get("syntax") is not None and obj["syntax"] not in SYNTAXES:
+        raise _fail(path, number, f"'syntax' {obj['syntax']!r} is not one of {', '.join(SYNTAXES)}")
     for name, low, high in (("seed", 0, MAX_SEED), ("count", 1, MAX_COUNT)):
         value = obj.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):

@@ -55,9 +55,9 @@ PROTOCOL_ID = "sdxl-split"
 # 2: ERROR carries a scope.
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
-# Full-size SDXL fp32 embeddings are about 1.3 MB; 8 MiB leaves room for longer prompts without
-# letting a peer make us allocate without bound.
-DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+# Full-size SDXL fp32 embeddings are about 1.3 MB a chunk of 77 tokens; 16 MiB holds the longest compiled prompt
+# (8 chunks, about 10.1 MB) without letting a peer make us allocate without bound.
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3
 HIGH_WATER_MARK = 1000

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from sdxl_split.shared.prompts import MAX_COUNT, MAX_TEXT_CHARS, PromptEntry
+from sdxl_split.shared.prompts import MAX_COUNT, MAX_TEXT_CHARS, SYNTAXES, PromptEntry
 
 MAX_INT = 2**63 - 1
 MAX_FILENAME_CHARS = 255
@@ -106,7 +106,14 @@ def entry_field(value: Any, name: str) -> PromptEntry:
         seed=optional_int(value["seed"], f"{name}.seed", 0, MAX_INT),
         count=optional_int(value["count"], f"{name}.count", 1, MAX_COUNT),
         id=optional_str(value["id"], f"{name}.id"),
+        syntax=_syntax(value["syntax"], f"{name}.syntax"),
     )
+
+
+def _syntax(value: Any, name: str) -> str | None:
+    if value is not None and value not in SYNTAXES:
+        raise ProtocolError(f"{name} must be one of {SYNTAXES}")
+    return value
 
 
 def entry_json(entry: PromptEntry) -> dict[str, Any]:

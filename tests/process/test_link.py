@@ -133,7 +133,9 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
     oversized = ctx.socket(zmq.DEALER)
     oversized.setsockopt(zmq.LINGER, 0)
     oversized.connect(link.endpoint)
-    oversized.send_multipart([json.dumps(header).encode(), os.urandom(16 * 1024 * 1024)])
+    from sdxl_split.shared import protocol as p
+
+    oversized.send_multipart([json.dumps(header).encode(), os.urandom(p.DEFAULT_MAX_PAYLOAD + p.MAX_HEADER_BYTES + 1)])
     time.sleep(0.5)
     oversized.close()
     rogue.close()
