@@ -71,6 +71,7 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
     prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
     for warning in prompt_file.warnings:
         notice(f"warning: {warning}")
+    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
     device = check_device(encoding.encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=encoding.dtype, clip_skip=encoding.clip_skip, batch_size=batch_size,
                           threads=threads)
@@ -84,7 +85,7 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
         settings=encoding.settings(source, opts.cache_dir), cache_dir=opts.cache_dir,
         config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts,
                                        job_timeout_s=job_timeout),
-        wait_s=wait_s, throttle_s=throttle)
+        wait_s=wait_s, throttle_s=throttle, extras=encoding.extras())
 
 
 def print_summary(summary: dict, spec, render_later: str) -> None:

@@ -16,7 +16,7 @@ from importlib.metadata import version  # noqa: E402
 
 import click  # noqa: E402
 
-from sdxl_split.shared.errors import UserError, os_error_line  # noqa: E402
+from sdxl_split.shared.errors import UserError, first_line, os_error_line  # noqa: E402
 from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
 from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
 
@@ -118,6 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # a bug, not bad input: keep it short unless asked
         if "-vv" in (argv or sys.argv):
             traceback.print_exc()
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        first = first_line(err, 300)
         click.echo(f"internal error: {type(err).__name__}: {first} (rerun with -vv for the traceback)", err=True)
         sys.exit(1)

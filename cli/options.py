@@ -40,12 +40,24 @@ class Encoding:
     encoder_dtype: str | None
     encoder_device: str
     prompt_syntax: str
+    loras: tuple[str, ...] = ()
+    lora_dir: Path | None = None
+    embeddings: tuple[Path, ...] = ()
+    embedding_dir: Path | None = None
 
     @classmethod
     def pop_from(cls, kw: dict) -> Encoding:
         """Take encoding_options' values out of a command's keyword arguments."""
         return cls(**{name: kw.pop(name) for name in ("negative_prompt", "clip_skip", "encoder_dtype",
-                                                      "encoder_device", "prompt_syntax")})
+                                                      "encoder_device", "prompt_syntax", "loras", "lora_dir",
+                                                      "embeddings", "embedding_dir")})
+
+    def extras(self):
+        from sdxl_split.shared.loras import parse_flag
+        from sdxl_split.shared.prompt_extras import ExtrasSpec
+
+        return ExtrasSpec(run_loras=tuple(parse_flag(text) for text in self.loras), lora_dir=self.lora_dir,
+                          inversion_files=tuple(self.embeddings), inversion_dir=self.embedding_dir)
 
     @property
     def dtype(self) -> str:
@@ -67,6 +79,19 @@ def encoding_options(func):
                           "ComfyUI's weighting), compel (compel's word++, .and(), .blend(); needs the compel "
                           "extra). A JSONL `syntax` field overrides it per line; `sdxl-split prompt explain` "
                           "shows how a prompt compiles."),
+        click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                     help="A LoRA for every prompt (repeatable): a .safetensors path, or a name under --lora-dir; "
+                          "scale 1.0 unless given. Prompts add their own with <lora:NAME:SCALE> or a JSONL `loras` "
+                          "list. The encoder applies the text-encoder half, the denoiser the UNet half."),
+        click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     envvar="SDXL_SPLIT_LORA_DIR",
+                     help="Where LoRA names are looked up [env SDXL_SPLIT_LORA_DIR]; give both sides the same "
+                          "files."),
+        click.option("--embedding", "embeddings", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="An SDXL textual inversion (clip_l + clip_g tensors); its token is the file's stem. "
+                          "Repeatable; the encoder alone needs it."),
+        click.option("--embedding-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Every .safetensors textual inversion in this folder."),
         click.option("--clip-skip", type=click.IntRange(0, 10), default=None,
                      help="Skip this many final CLIP layers (as diffusers' clip_skip)."),
         click.option("--encoder-dtype", "encoder_dtype", type=click.Choice(DTYPE_CHOICES), default=None,
@@ -116,6 +141,17 @@ def credits_option():
     return click.option("--credits", type=click.IntRange(1, 64), default=2, show_default=True,
                         help="Jobs a denoiser holds at once; 2 keeps the next job's embeddings local while one "
                              "renders.")
+
+
+def lora_serving_options(func):
+    """How a denoiser holds the UNet halves of LoRAs."""
+    return _apply(func, [
+        click.option("--lora-cache", type=click.IntRange(1, 256), default=8, show_default=True,
+                     help="LoRA adapters kept loaded at once; the least recently used is dropped past this."),
+        click.option("--fuse-lora", is_flag=True,
+                     help="Fuse the --lora set into the UNet's weights (faster per step); jobs that need any "
+                          "other set are refused, to go to another denoiser."),
+    ])
 
 
 def render_options(func):
@@ -195,4 +231,11 @@ def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, encoding: E
         words += ["--encoder-dtype", encoding.dtype]
     if encoding.prompt_syntax != "plain":
         words += ["--prompt-syntax", encoding.prompt_syntax]
+    for lora in encoding.loras:
+        words += ["--lora", lora]
+    for flag, value in (("--lora-dir", encoding.lora_dir), ("--embedding-dir", encoding.embedding_dir)):
+        if value is not None:
+            words += [flag, str(value)]
+    for embedding in encoding.embeddings:
+        words += ["--embedding", str(embedding)]
     return shlex.join(words)

@@ -15,6 +15,7 @@ from sdxl_split.cli.options import (
     command_for,
     credits_option,
     encoding_options,
+    lora_serving_options,
     render_config_from,
     render_options,
     threads_option,
@@ -38,6 +39,7 @@ MAX_LISTED = 10
 @click.option("--hang-on-job", type=int, default=0, hidden=True, help="Test hook: the Nth job's render hangs.")
 @threads_option()
 @encoding_options
+@lora_serving_options
 @render_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_context
@@ -60,7 +62,8 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     encoding = Encoding.pop_from(kw)
     config = render_config_from(kw)
     if prompts is None:
-        spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
+        spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
+                             lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
         serve_stream(opts, spec, connect, credits, serve, curve_dir, job_delay, hang_on_job, as_json)
         return
     if ctx.get_parameter_source("connect") == click.core.ParameterSource.COMMANDLINE:
@@ -74,7 +77,9 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     for warning in prompt_file.warnings:
         notice(f"warning: {warning}")
     check_seeds(prompts, prompt_file.entries, config)
-    spec = denoiser_spec(opts, config, threads=threads, metadata=kw["metadata"])
+    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
+    spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
+                         lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
     settings = encoding.settings(spec.source, opts.cache_dir)
     jobs, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
@@ -113,14 +118,15 @@ def check_seeds(path: Path, entries, config) -> None:
                             f"{entry.count or config.images_per_prompt} images would go past {MAX_SEED}")
 
 
-def denoiser_spec(opts: GlobalOptions, config, source=None, threads: int | None = None,
-                  metadata: str = "a1111"):
+def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, threads: int | None = None,
+                  metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False):
     """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
     from sdxl_split.denoiser_service.service import DenoiserSpec, model_identity
 
     source = source or resolve(opts)
     identity = model_identity(source, opts.cache_dir, full_metadata=metadata == "full")
-    return DenoiserSpec(source=source, identity=identity, config=config, threads=threads)
+    return DenoiserSpec(source=source, identity=identity, config=config, cache_dir=opts.cache_dir, threads=threads,
+                        extras=encoding.extras(), lora_cache=lora_cache, fuse_lora=fuse_lora)
 
 
 def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, serve: bool, curve_dir: Path | None,

@@ -16,6 +16,7 @@ from sdxl_split.cli.options import (
     credits_option,
     encoding_options,
     job_timeout_option,
+    lora_serving_options,
     max_attempts_option,
     render_config_from,
     render_options,
@@ -31,6 +32,7 @@ ENCODER_WAIT_S = 30.0
 @click.command("run")
 @click.argument("prompts", type=click.Path(path_type=Path))
 @encoding_options
+@lora_serving_options
 @render_options
 @click.option("--denoisers", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Denoiser processes to start (they share the jobs by speed).")
@@ -71,7 +73,8 @@ def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_at
                                curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout,
                                threads=cpu_threads if encoder_on_cpu else gpu_threads)
         check_seeds(prompts, encoding.entries, config)
-        serving = ServeSpec(denoiser=denoiser_spec(opts, config, encoding.source, metadata=kw["metadata"],
+        serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source, metadata=kw["metadata"],
+                                                   lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
                                                    threads=cpu_threads if config.device == "cpu" else gpu_threads),
                             endpoint=endpoint, credits=credits, job_delay_s=job_delay)
         outcome = supervise(

@@ -38,10 +38,13 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
 
 
 class Denoiser:
-    def __init__(self, pipe: StableDiffusionXLPipeline, config: RenderConfig, meter: MemoryMeter) -> None:
+    def __init__(self, pipe: StableDiffusionXLPipeline, config: RenderConfig, meter: MemoryMeter,
+                 loras=None) -> None:
         self.pipe = pipe
         self.config = config
         self.meter = meter
+        # lora_bank.LoraBank: the UNet halves of the jobs' LoRAs; None renders only jobs without any.
+        self.loras = loras
         from sdxl_split.denoiser_service.pipeline import expected_widths
 
         self.widths = expected_widths(pipe)
@@ -56,8 +59,12 @@ class Denoiser:
             )
 
     @torch.inference_mode()
-    def render(self, record: Embeddings, seed: int, count: int) -> Decoded:
+    def render(self, record: Embeddings, seed: int, count: int, loras: tuple = ()) -> Decoded:
         self.check(record)
+        if self.loras is not None:
+            self.loras.apply(loras)
+        elif loras:
+            raise JobError("this denoiser was started without LoRA support, and the job needs LoRAs")
         t = record.tensors
         with self.meter.phase("denoise"):
             latents = self.pipe(

@@ -33,6 +33,8 @@ class ImageMeta:
     model_hash: str
     config: dict
     model_source: str | None = None
+    lora_hashes: str | None = None
+    ti_hashes: str | None = None
 
     def a1111_parameters(self) -> str:
         """The `parameters` text chunk in the form A1111, ComfyUI and most image browsers read."""
@@ -43,6 +45,8 @@ class ImageMeta:
         lines.append(
             f"Steps: {c['steps']}, Sampler: {self.sampler}, CFG scale: {c['guidance']}, Seed: {self.seed}, "
             f"Size: {c['width']}x{c['height']}, Model hash: {self.model_hash[:10]}, Model: {self.model}"
+            + (f', Lora hashes: "{self.lora_hashes}"' if self.lora_hashes else "")
+            + (f', TI hashes: "{self.ti_hashes}"' if self.ti_hashes else "")
         )
         return "\n".join(lines)
 

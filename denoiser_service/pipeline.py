@@ -11,7 +11,7 @@ from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
 from sdxl_split.denoiser_service.denoise import needs_fp32_decode
 from sdxl_split.shared.embeddings import DTYPES
-from sdxl_split.shared.errors import ModelNotFoundError
+from sdxl_split.shared.errors import ModelNotFoundError, first_line
 from sdxl_split.shared.models.builder import TINY_VAE_SUBFOLDER
 from sdxl_split.shared.models.loading import DENOISE_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
@@ -37,7 +37,7 @@ def load_tiny_vae(location: str, dtype: torch.dtype) -> AutoencoderTiny:
                 f"the tiny VAE '{location}' is neither on disk (not in the Hugging Face cache) nor reachable on the "
                 "hub; fetch it once with network, or pass --vae-model PATH to a local AutoencoderTiny folder, or "
                 "use --vae full") from None
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err)
         raise ModelNotFoundError(
             f"cannot load the tiny VAE '{location}' ({first}); pass --vae-model PATH to a local AutoencoderTiny "
             "folder, or use --vae full"

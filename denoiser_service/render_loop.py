@@ -11,6 +11,7 @@ from sdxl_split.denoiser_service.denoise import Denoiser, JobError
 from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir, WrittenImage
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.jobs import image_filename, image_id, job_id
+from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import MAX_SEED, PromptEntry
 
 
@@ -23,6 +24,7 @@ class RenderJob:
     count: int
     metas: tuple[ImageMeta, ...]
     filenames: tuple[str, ...]
+    loras: tuple[LoraUse, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,13 @@ class ModelIdentity:
     source: str | None = None
 
 
-def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity) -> RenderJob:
+def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity,
+             loras: tuple[LoraUse, ...] = ()) -> RenderJob:
     seed = entry.seed if entry.seed is not None else config.seed
     count = entry.count if entry.count is not None else config.images_per_prompt
     if seed + count - 1 > MAX_SEED:
         raise JobError(f"seed {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
-    job = job_id(record.key, seed, count, config.pixel_settings(), model.fingerprint)
+    job = job_id(record.key, seed, count, config.pixel_settings(), model.fingerprint, loras)
     metas, names = [], []
     for index in range(count):
         image = image_id(job, index)
@@ -57,10 +60,19 @@ def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model
             config={**config.pixel_settings(), "attention": config.attention, "compile": config.compile,
                     "offload": config.offload, "vae_slicing": config.vae_slicing, "vae_tiling": config.vae_tiling,
                     "base_seed": seed, "count": count, "clip_skip": record.settings.clip_skip,
-                    "prompt_2": entry.prompt_2, "negative_prompt_2": entry.negative_prompt_2},
+                    "prompt_2": entry.prompt_2, "negative_prompt_2": entry.negative_prompt_2,
+                    "prompt_syntax": record.settings.syntax},
+            lora_hashes=_hashes((u.name, u.sha256) for u in (*record.settings.loras, *loras)),
+            ti_hashes=_hashes(record.settings.inversions),
         ))
         names.append(image_filename(entry.prompt, image))
-    return RenderJob(job, entry, record, seed, count, tuple(metas), tuple(names))
+    return RenderJob(job, entry, record, seed, count, tuple(metas), tuple(names), tuple(loras))
+
+
+def _hashes(pairs) -> str | None:
+    """A1111's `Lora hashes`/`TI hashes` value: "name: hash, ...", by the first 12 hex digits of each file's sha256."""
+    seen = dict(pairs)
+    return ", ".join(f"{name}: {sha[:12]}" for name, sha in seen.items()) or None
 
 
 @dataclass
@@ -101,7 +113,7 @@ class Renderer:
             return [self.out.adopt(name, meta) for name, meta in zip(job.filenames, job.metas)]
         started = time.perf_counter()
         try:
-            decoded = self.denoiser.render(job.record, job.seed, job.count)
+            decoded = self.denoiser.render(job.record, job.seed, job.count, job.loras)
         except JobError as err:
             self.stats.failed_jobs += 1
             self.stats.errors.append(f"line {job.entry.line}: {err}")

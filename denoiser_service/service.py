@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.lora_bank import LoraBank
 from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, RenderJob, RenderStats, make_job
 from sdxl_split.shared import protocol as p
@@ -20,8 +21,10 @@ from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import EncodingSettings, entry_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.jobs import settings_id
+from sdxl_split.shared.loras import LoraFinder
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, display_name, fingerprint
+from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
@@ -35,8 +38,14 @@ class DenoiserSpec:
     source: ModelSource
     identity: ModelIdentity
     config: RenderConfig
+    # Where LoRA hashes are memoised.
+    cache_dir: Path
     # torch CPU threads for this process; None: one per core.
     threads: int | None = None
+    extras: ExtrasSpec = ExtrasSpec()
+    # LoRA adapters kept loaded at once; or the run's --lora set fused into the UNet (and no other accepted).
+    lora_cache: int = 8
+    fuse_lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,12 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
                    "recompiles")
         with meter.phase("load"):
             pipe = load_denoiser_pipeline(spec.source, config)
-        return Denoiser(pipe, config, meter)
+            finder = LoraFinder(spec.extras.lora_dir, spec.cache_dir)
+            bank = LoraBank(pipe, finder, spec.lora_cache)
+            if spec.fuse_lora:
+                loras = [(finder.find(name), scale) for name, scale in spec.extras.run_loras]
+                bank.fuse(tuple(lora.use(scale) for lora, scale in loras if lora.unet))
+        return Denoiser(pipe, config, meter, loras=bank)
 
     return load
 
@@ -94,10 +108,12 @@ def find_cached(spec: DenoiserSpec, entries: tuple[PromptEntry, ...], settings: 
     """The jobs whose embeddings are cached, and the entries with no valid cache file (and why, if it is bad)."""
     jobs: list[RenderJob] = []
     missing: list[tuple[PromptEntry, str | None]] = []
+    resolver = spec.extras.resolver(spec.cache_dir)
     for entry in entries:
-        found = cache.lookup(entry_key(entry, settings))
+        extras = resolver.resolve(entry)
+        found = cache.lookup(entry_key(entry, settings, extras))
         if isinstance(found, Hit):
-            jobs.append(make_job(entry, found.record, spec.config, spec.identity))
+            jobs.append(make_job(entry, found.record, spec.config, spec.identity, extras.unet_loras))
         else:
             missing.append((entry, found.problem if isinstance(found, Bad) else None))
     return jobs, missing
@@ -135,7 +151,7 @@ def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> p.Done | p.
     """Render one wire job; a per-job failure becomes an ERROR, so the encoder can retry it elsewhere."""
     started = time.perf_counter()
     try:
-        written = renderer.run(make_job(job.entry, job.record, spec.config, spec.identity))
+        written = renderer.run(make_job(job.entry, job.record, spec.config, spec.identity, job.loras))
     except JobError as err:
         return p.Error(work_id=job.work_id, attempt=job.attempt, reason=p.reason_text(str(err)))
     except OSError as err:

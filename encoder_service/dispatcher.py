@@ -52,7 +52,8 @@ class Dispatcher:
             on_event(event, work_id, fields)
 
         self.table = JobTable(config.max_attempts, log=record, report=report, finished=journal.finished(),
-                              job_timeout_s=config.job_timeout_s)
+                              job_timeout_s=config.job_timeout_s,
+                              tell=lambda identity, why: self._send_to(identity, p.Bye(p.reason_text(why))))
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         p.configure_router(self.socket)
@@ -74,8 +75,8 @@ class Dispatcher:
         self._next_beat = 0.0
         self.last_peer_seen = 0.0
 
-    def add(self, work_id: str, entry: PromptEntry, embedding_key: str) -> None:
-        self.table.add(work_id, entry, embedding_key)
+    def add(self, work_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> None:
+        self.table.add(work_id, entry, embedding_key, loras)
 
     # ---- the loop body ----
     def pump(self, timeout_s: float = 0.0) -> None:
@@ -138,7 +139,8 @@ class Dispatcher:
             except LookupError as err:
                 self.table.unsendable(job, str(err))
                 continue
-            sent = self._send(worker, p.Job.build(job.work_id, job.attempt + 1, job.entry, record, payload))
+            sent = self._send(worker, p.Job.build(job.work_id, job.attempt + 1, job.entry, record, payload,
+                                                  job.loras))
             if sent is None:
                 blocked.add(worker.identity)
             elif sent:

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, entry_key
 from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.prompt_extras import Extras
 from sdxl_split.shared.prompts import PromptEntry
 
 if TYPE_CHECKING:  # diffusers loads only when some prompt actually needs encoding
     from sdxl_split.encoder_service.text_side import TextSide
 
-# Called with every entry whose embeddings are ready, plus the exact bytes that are cached (and sent).
-Sink = Callable[[PromptEntry, Embeddings, bytes], None]
+# Called with every entry whose embeddings are ready, the exact bytes that are cached (and sent), and the UNet
+# halves of its LoRAs.
+Sink = Callable[[PromptEntry, Embeddings, bytes, tuple], None]
 
 
 @dataclass
@@ -41,32 +43,39 @@ class EncodeStats:
         return {**asdict(self), "prompts_per_s": self.prompts_per_s}
 
 
-def _encoded(misses: list[tuple[str, PromptEntry]], text_side: TextSide, settings: EncodingSettings,
+def _encoded(misses: list[tuple[str, Extras]], text_side: TextSide, settings: EncodingSettings,
              batch_size: int, should_stop: Callable[[], bool], warn: Callable[[str], None]):
-    """(key, entry, encoded) for each miss: plain prompts in batches (never mixing prompts with and without a
-    negative, since diffusers zeroes negatives per call), compiled syntaxes one prompt at a time."""
+    """(key, extras, encoded) for each miss. Plain prompts go in batches that share their LoRAs and their negative
+    mode (diffusers zeroes negatives per call); compiled syntaxes one prompt at a time. Before each forward the
+    text side takes on exactly that prompt's LoRAs, so none leaks into the next."""
     from sdxl_split.encoder_service.prompt_compiler import PromptTooLong
 
-    plain = sorted(((k, e) for k, e in misses if settings.for_entry(e).syntax == "plain"),
-                   key=lambda item: item[1].negative_prompt is None)
-    for _, same_mode in groupby(plain, key=lambda item: item[1].negative_prompt is None):
-        same_mode = list(same_mode)
-        for start in range(0, len(same_mode), batch_size):
+    def lora_set(extras: Extras) -> tuple:
+        return tuple((lora.sha256, scale) for lora, scale in extras.text_loras)
+
+    plain = sorted(((k, x) for k, x in misses if settings.for_entry(x.entry).syntax == "plain"),
+                   key=lambda item: (item[1].entry.negative_prompt is None, lora_set(item[1])))
+    for _, same in groupby(plain, key=lambda item: (item[1].entry.negative_prompt is None, lora_set(item[1]))):
+        same = list(same)
+        for start in range(0, len(same), batch_size):
             if should_stop():
                 return
-            batch = same_mode[start : start + batch_size]
-            for (key, entry), encoded in zip(batch, text_side.encode([e for _, e in batch], settings.clip_skip)):
-                yield key, entry, encoded
-    for key, entry in misses:
-        syntax = settings.for_entry(entry).syntax
+            batch = same[start : start + batch_size]
+            text_side.use_loras(batch[0][1].text_loras)
+            encoded = text_side.encode([x.entry for _, x in batch], settings.clip_skip)
+            for (key, extras), result in zip(batch, encoded):
+                yield key, extras, result
+    for key, extras in misses:
+        syntax = settings.for_entry(extras.entry).syntax
         if syntax == "plain":
             continue
         if should_stop():
             return
         try:
-            yield key, entry, text_side.encode_compiled(entry, settings.clip_skip, syntax)
+            text_side.use_loras(extras.text_loras)
+            yield key, extras, text_side.encode_compiled(extras.entry, settings.clip_skip, syntax)
         except PromptTooLong as err:
-            warn(f"line {entry.line}: skipped: the prompt compiles to {err}")
+            warn(f"line {extras.entry.line}: skipped: the prompt compiles to {err}")
 
 
 def run_encode(
@@ -81,20 +90,24 @@ def run_encode(
     warn: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
     widths: tuple[int, int] | None = None,
+    extras_of: Callable[[PromptEntry], Extras] = Extras,
 ) -> EncodeStats:
+    """`extras_of` resolves a line's LoRAs and inversions (prompt_extras.ExtrasResolver.resolve); by default a
+    line has none."""
     started = time.perf_counter()
     stats = EncodeStats(prompts=len(entries))
-    by_key: dict[str, list[PromptEntry]] = {}
+    by_key: dict[str, list[tuple[PromptEntry, Extras]]] = {}
     for entry in entries:
-        by_key.setdefault(entry_key(entry, settings), []).append(entry)
+        extras = extras_of(entry)
+        by_key.setdefault(entry_key(entry, settings, extras), []).append((entry, extras))
     stats.unique = len(by_key)
 
     def deliver(key: str, record: Embeddings, data: bytes) -> None:
-        for entry in by_key[key]:
-            sink(entry, record, data)
+        for entry, extras in by_key[key]:
+            sink(entry, record, data, extras.unet_loras)
         on_progress(len(by_key[key]))
 
-    misses: list[tuple[str, PromptEntry]] = []
+    misses: list[tuple[str, Extras]] = []
     for key, group in by_key.items():
         found = cache.lookup(key, widths)
         if isinstance(found, Hit):
@@ -105,19 +118,20 @@ def run_encode(
             stats.bad_cache_files += 1
             stats.problems.append(found.problem)
             warn(f"bad cache file, re-encoding: {found.problem}")
-        misses.append((key, group[0]))
+        misses.append((key, group[0][1]))
 
     if misses:
         with meter.phase("load"):
             text_side = load_text_side()
         stats.models_loaded = True
         with meter.phase("encode"):
-            for key, entry, encoded in _encoded(misses, text_side, settings, batch_size, should_stop, warn):
+            for key, extras, encoded in _encoded(misses, text_side, settings, batch_size, should_stop, warn):
+                entry = by_key[key][0][0]
                 for name, tail in encoded.dropped.items():
                     shown = tail if len(tail) <= 120 else tail[:120] + "..."
                     warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {shown!r} (a "
                          "chunking --prompt-syntax such as a1111 keeps it)")
-                record = Embeddings(key=key, texts=entry.texts(), settings=settings.for_entry(entry),
+                record = Embeddings(key=key, texts=entry.texts(), settings=settings.for_entry(entry, extras),
                                     tensors=encoded.tensors, truncated=bool(encoded.dropped))
                 stats.truncated += int(record.truncated)
                 data = cache.store(record)

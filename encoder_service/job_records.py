@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import PromptEntry
 
 
@@ -23,6 +24,7 @@ class Job:
     work_id: str
     entry: PromptEntry
     embedding_key: str
+    loras: tuple[LoraUse, ...] = ()  # the UNet halves, sent with it
     attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
     failures: int = 0  # ERRORs its own content caused
     # Denoisers that died, left or hung holding it: a job that takes down one denoiser after another is buried.

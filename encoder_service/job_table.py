@@ -25,9 +25,12 @@ Finished = dict[tuple[str, str, str], list[dict]]
 QUARANTINE_STRIKES = 3
 class JobTable:
     def __init__(self, max_attempts: int, log: Log, report: Report, finished: Finished | None = None,
-                 job_timeout_s: float | None = None) -> None:
+                 job_timeout_s: float | None = None,
+                 tell: Callable[[bytes, str], None] = lambda identity, why: None) -> None:
         self.max_attempts = max_attempts
         self.job_timeout_s = job_timeout_s
+        # Says goodbye to a denoiser dropped for cause, so it does not wait on in silence.
+        self.tell = tell
         # Strikes per denoiser name (host[pid]@device), and the names refused from now on.
         self.strikes: dict[str, int] = {}
         self.quarantined: set[str] = set()
@@ -48,10 +51,10 @@ class JobTable:
         self.draining = False
 
     # ---- jobs ----
-    def add(self, work_id: str, entry: PromptEntry, embedding_key: str) -> bool:
+    def add(self, work_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> bool:
         if work_id in self.jobs:
             return False
-        self.jobs[work_id] = Job(work_id, entry, embedding_key)
+        self.jobs[work_id] = Job(work_id, entry, embedding_key, loras)
         self.queue.append(work_id)
         self.log("queued", work_id, line=entry.line, prompt=entry.prompt[:200])
         return True
@@ -135,6 +138,7 @@ class JobTable:
         for identity, worker in list(self.workers.items()):
             if worker.name == name:
                 self.lose(identity, f"denoiser {name} quarantined", quiet=True, orderly=True)
+                self.tell(identity, f"denoiser {name} is quarantined for this run: {why}")
 
     def overdue(self, now: float) -> list[tuple[Worker, float]]:
         """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""

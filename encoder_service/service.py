@@ -21,6 +21,7 @@ from sdxl_split.shared.embeddings import EncodingSettings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import ModelSource, text_widths
+from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
@@ -44,6 +45,7 @@ class EncodeSpec:
     wait_s: float = 10.0
     # Test hook: seconds to keep serving the link after each prompt, to slow the encoder down.
     throttle_s: float = 0.0
+    extras: ExtrasSpec = ExtrasSpec()
 
     @property
     def journal_path(self) -> Path:
@@ -57,6 +59,7 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     """Encode (or read from the cache) every prompt, stream the jobs to denoisers, and summarise."""
     config = spec.config
     use_threads(config.threads)
+    extras = spec.extras.resolver(spec.cache_dir)
     cache = EmbeddingCache(spec.cache_dir / "embeddings")
     journal = Journal(spec.journal_path)
     meter = MemoryMeter(cuda_device=cuda_index(config.device))
@@ -65,13 +68,13 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
         from sdxl_split.encoder_service.text_side import TextSide
 
         notice(f"loading text encoders of {spec.source.description} on {config.device} ({config.dtype})")
-        return TextSide(spec.source, config.device, config.dtype)
+        return TextSide(spec.source, config.device, config.dtype, inversions=extras.inversions)
 
     try:
         result = run_streaming_encode(
             list(spec.entries), spec.settings, cache, load, meter, spec.link, journal, spec.wait_s, stop, notice,
             batch_size=config.batch_size, on_progress=on_progress, throttle_s=spec.throttle_s, on_bound=on_bound,
-            widths=text_widths(spec.source), on_event=on_event)
+            widths=text_widths(spec.source), on_event=on_event, extras_of=extras.resolve)
         memory = meter.summary()
     except zmq.ZMQError as err:
         raise UserError(f"cannot listen on {spec.link.endpoint} ({err.strerror}); is another encoder running? "

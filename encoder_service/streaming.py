@@ -17,6 +17,7 @@ from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
 from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.prompt_extras import Extras
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.wakeup import watch_stop
 
@@ -55,6 +56,7 @@ def run_streaming_encode(
     throttle_s: float = 0.0,
     widths: tuple[int, int] | None = None,
     on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None,
+    extras_of: Callable[[PromptEntry], Extras] = Extras,
 ) -> StreamResult:
     """Jobs are dispatched as they appear; the dispatcher skips those whose images the journal shows
     intact in the output folder of the denoiser they would go to."""
@@ -69,12 +71,12 @@ def run_streaming_encode(
     on_bound()
     seen: set[str] = set()
 
-    def sink(entry: PromptEntry, record: Embeddings, data: bytes) -> None:
-        wid = work_id(record.key, entry.seed, entry.count)
+    def sink(entry: PromptEntry, record: Embeddings, data: bytes, loras: tuple = ()) -> None:
+        wid = work_id(record.key, entry.seed, entry.count, loras)
         if wid in seen:
             return
         seen.add(wid)
-        dispatcher.add(wid, entry, record.key)
+        dispatcher.add(wid, entry, record.key, loras)
         # Hand the job out now, so the GPU starts while later prompts are still being encoded.
         dispatcher.pump(0)
         if throttle_s:
@@ -101,6 +103,9 @@ def run_streaming_encode(
         def encode_compiled(self, entry: PromptEntry, clip_skip: int | None, syntax: str):
             return serving(lambda: self.inner.encode_compiled(entry, clip_skip, syntax))
 
+        def use_loras(self, loras: tuple) -> None:
+            serving(lambda: self.inner.use_loras(loras))
+
     def load_while_serving() -> ServedTextSide:
         return ServedTextSide(serving(load_text_side))
 
@@ -108,7 +113,7 @@ def run_streaming_encode(
     try:
         stats = run_encode(entries, settings, cache, load_while_serving, sink, meter, batch_size=batch_size,
                            on_progress=on_progress, warn=lambda m: report(f"warning: {m}"),
-                           should_stop=stop.is_set, widths=widths)
+                           should_stop=stop.is_set, widths=widths, extras_of=extras_of)
         idle_since = time.monotonic()
         table = dispatcher.table
         while table.outstanding and not stop.is_set():

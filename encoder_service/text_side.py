@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sdxl_split.shared.embeddings import CHUNK_LEN, DTYPES, TENSOR_NAMES
-from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.errors import UserError, first_line
 from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
@@ -27,10 +27,17 @@ class EncodedPrompt:
 class TextSide:
     """Holds only the text components; diffusers skips loading the UNet and VAE weights entirely."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: str) -> None:
+    def __init__(self, source: ModelSource, device: str, dtype: str, inversions: tuple = (),
+                 lora_capacity: int = 16) -> None:
         self.device = torch.device(device)
         self.pipe = load_partial_pipeline(source, TEXT_ONLY, DTYPES[dtype], add_watermarker=False)
         self.pipe.to(self.device)
+        for inversion in inversions:
+            self._load_inversion(inversion)
+        # Text-encoder halves of LoRAs loaded as PEFT adapters, least recently used first; and the set in use.
+        self._adapters: OrderedDict[str, None] = OrderedDict()
+        self._lora_capacity = lora_capacity
+        self._active: tuple = ()
         self.tokenizers = [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2) if t is not None]
         # (negative_prompt, negative_prompt_2) -> (negative_prompt_embeds, negative_pooled_prompt_embeds), each
         # [1, ...]. diffusers encodes the negative in forward passes of its own, which never see the positive
@@ -48,6 +55,56 @@ class TextSide:
             if ids.shape[-1] > tokenizer.model_max_length:
                 return tokenizer.batch_decode(ids[:, tokenizer.model_max_length - 1 : -1])[0]
         return ""
+
+    def _load_inversion(self, inversion) -> None:
+        """An SDXL textual inversion: its clip_l vectors into CLIP-L, its clip_g vectors into bigG, under its token."""
+        from safetensors.torch import load_file
+
+        try:
+            vectors = load_file(str(inversion.path))
+            for key, encoder, tokenizer in (("clip_l", self.pipe.text_encoder, self.pipe.tokenizer),
+                                            ("clip_g", self.pipe.text_encoder_2, self.pipe.tokenizer_2)):
+                self.pipe.load_textual_inversion(vectors[key], token=inversion.token, text_encoder=encoder,
+                                                 tokenizer=tokenizer)
+        except (KeyError, ValueError, OSError) as err:
+            raise UserError(f"textual inversion {inversion.path} cannot be used ({first_line(err)}); an SDXL "
+                            "embedding holds clip_l and clip_g tensors as wide as this model's encoders") from None
+
+    def use_loras(self, loras: tuple) -> None:
+        """Make exactly these (Lora, scale) pairs active on both text encoders; none: LoRA off."""
+        wanted = tuple((lora.sha256, scale) for lora, scale in loras)
+        if wanted == self._active:
+            return
+        if not loras:
+            self.pipe.disable_lora()  # only reached after some prompt used a LoRA
+        else:
+            names = [self._adapter(lora, keep={lora.sha256 for lora, _ in loras}) for lora, _ in loras]
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, adapter_weights=[{"text_encoder": s, "text_encoder_2": s}
+                                                           for _, s in loras])
+        self._active = wanted
+
+    def _adapter(self, lora, keep: set[str]) -> str:
+        name = f"lora_{lora.sha256[:16]}"
+        if name in self._adapters:
+            self._adapters.move_to_end(name)
+            return name
+        try:
+            state, alphas, metadata = self.pipe.lora_state_dict(str(lora.path), return_lora_metadata=True)
+            for prefix, encoder in (("text_encoder", self.pipe.text_encoder),
+                                    ("text_encoder_2", self.pipe.text_encoder_2)):
+                if any(key.startswith(prefix + ".") for key in state):
+                    self.pipe.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=name,
+                                                          metadata=metadata, _pipeline=self.pipe,
+                                                          low_cpu_mem_usage=True)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            raise UserError(f"LoRA {lora.path} cannot be read by diffusers ({first_line(err)})") from None
+        self._adapters[name] = None
+        while len(self._adapters) > self._lora_capacity:
+            oldest = next(n for n in self._adapters if n[len("lora_"):] not in {s[:16] for s in keep})
+            self.pipe.delete_adapters(oldest)
+            del self._adapters[oldest]
+        return name
 
     def _remember(self, pair: tuple[str, str | None], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
         if pair in self._negatives:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.models.resolve import TEXT_COMPONENTS, ModelSource, fingerprint, model_index
 from sdxl_split.shared.prompts import MAX_TEXT_CHARS, SYNTAXES, PromptEntry
 
@@ -55,6 +56,10 @@ class EncodingSettings:
     # compiler never serves tensors an older one made.
     syntax: str = "plain"
     compiler: str | None = None
+    # The text-encoder halves of the LoRAs applied (file hash and scale), and the textual inversions the texts
+    # use: change either and the key changes, so a cache never serves another LoRA's embeddings.
+    loras: tuple[LoraUse, ...] = ()
+    inversions: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,10 +67,13 @@ class EncodingSettings:
         if self.syntax not in SYNTAXES:
             raise ValueError(f"syntax must be one of {SYNTAXES}")
 
-    def for_entry(self, entry: PromptEntry) -> EncodingSettings:
-        """The settings one line is encoded with: its own syntax (JSONL `syntax`) over the run's."""
+    def for_entry(self, entry: PromptEntry, extras=None) -> EncodingSettings:
+        """The settings one line is encoded with: its own syntax (JSONL `syntax`) over the run's, and the LoRAs and
+        inversions it uses (prompt_extras.Extras)."""
         syntax = entry.syntax or self.syntax
-        return replace(self, syntax=syntax, compiler=compiler_version(syntax))
+        loras = extras.text_uses if extras is not None else ()
+        inversions = extras.inversions if extras is not None else ()
+        return replace(self, syntax=syntax, compiler=compiler_version(syntax), loras=loras, inversions=inversions)
 
 
 # Bumped whenever the a1111/comfy compiler would produce other tensors for the same text.
@@ -85,9 +93,9 @@ def compiler_version(syntax: str) -> str | None:
     return f"{syntax}-{CHUNK_COMPILER_VERSION}"
 
 
-def entry_key(entry: PromptEntry, settings: EncodingSettings) -> str:
-    """The cache key of one prompt-file line under a run's settings."""
-    return embedding_key(entry.texts(), settings.for_entry(entry))
+def entry_key(entry: PromptEntry, settings: EncodingSettings, extras=None) -> str:
+    """The cache key of one prompt-file line under a run's settings (texts as written, tags and all)."""
+    return embedding_key(entry.texts(), settings.for_entry(entry, extras))
 
 
 def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_skip: int | None,
@@ -224,7 +232,7 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
     if not isinstance(texts["prompt"], str):
         raise EmbeddingFormatError("metadata prompt must be a string")
     expected = {"fingerprint": str, "clip_skip": (int, type(None)), "dtype": str, "force_zeros": bool,
-                "syntax": str, "compiler": (str, type(None))}
+                "syntax": str, "compiler": (str, type(None)), "loras": list, "inversions": list}
     if not isinstance(settings_raw, dict) or set(settings_raw) != set(expected):
         raise EmbeddingFormatError("metadata settings have the wrong fields")
     for name, kind in expected.items():
@@ -236,12 +244,34 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
         raise EmbeddingFormatError(f"metadata syntax {str(settings_raw['syntax'])[:20]!r} is not one of {SYNTAXES}")
     if settings_raw["compiler"] is not None and len(settings_raw["compiler"]) > 64:
         raise EmbeddingFormatError("metadata compiler is not a short version string")
+    settings_raw["loras"] = _lora_uses(settings_raw["loras"])
+    settings_raw["inversions"] = _inversions(settings_raw["inversions"])
     key = meta.get("key")
     if not isinstance(key, str) or len(key) != 64:
         raise EmbeddingFormatError("metadata key is missing")
     if meta.get("truncated") not in ("true", "false"):
         raise EmbeddingFormatError("metadata truncated must be 'true' or 'false'")
     return key, texts, EncodingSettings(**settings_raw), meta["truncated"] == "true"
+
+
+def _lora_uses(raw: list) -> tuple[LoraUse, ...]:
+    if len(raw) > 16:
+        raise EmbeddingFormatError("metadata names more than 16 LoRAs")
+    uses = []
+    for item in raw:
+        if (not isinstance(item, dict) or set(item) != {"name", "sha256", "scale"} or not isinstance(item["name"], str)
+                or not isinstance(item["sha256"], str) or len(item["sha256"]) != 64
+                or isinstance(item["scale"], bool) or not isinstance(item["scale"], (int, float))):
+            raise EmbeddingFormatError("metadata loras must be {name, sha256, scale} objects")
+        uses.append(LoraUse(item["name"][:255], item["sha256"], float(item["scale"])))
+    return tuple(uses)
+
+
+def _inversions(raw: list) -> tuple[tuple[str, str], ...]:
+    if len(raw) > 64 or not all(isinstance(i, list) and len(i) == 2 and all(isinstance(v, str) for v in i)
+                                for i in raw):
+        raise EmbeddingFormatError("metadata inversions must be [token, sha256] pairs")
+    return tuple((token, digest) for token, digest in raw)
 
 
 def decode_embeddings(data: bytes, expected_key: str | None = None) -> Embeddings:

@@ -7,6 +7,12 @@ EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """A library's error in a few words: the first line of its message (they run to paragraphs)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 def os_error_line(err: OSError) -> str:
     """One line for an unusable folder, a full disk or a permission, naming the path."""
     where = f": {err.filename}" if err.filename else ""

@@ -13,16 +13,23 @@ def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def work_id(embedding_key: str, seed: int | None, count: int | None) -> str:
+def _loras(loras: tuple) -> dict:
+    # Left out when empty, so jobs without LoRAs keep the ids (and file names) they always had.
+    return {"unet_loras": [[use.name, use.sha256, use.scale] for use in loras]} if loras else {}
+
+
+def work_id(embedding_key: str, seed: int | None, count: int | None, loras: tuple = ()) -> str:
     """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
-    name files, so this id only covers what the prompt file decides."""
-    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count})
+    name files, so this id only covers what the prompt file decides (its UNet LoRAs too: a UNet-only LoRA
+    leaves the embeddings alone but not the image)."""
+    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, **_loras(loras)})
 
 
-def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str) -> str:
+def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str, loras: tuple = ()) -> str:
     """One job is one prompt's batch of `count` images; the batch size is part of it because batched
     matmuls may differ in the last bit from unbatched ones."""
-    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, "model": model, **pixel_settings})
+    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, "model": model, **pixel_settings,
+                    **_loras(loras)})
 
 
 def settings_id(pixel_settings: dict, model: str) -> str:

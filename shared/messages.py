@@ -7,8 +7,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdxl_split.shared.embeddings import Embeddings
-from sdxl_split.shared.prompts import MAX_COUNT, PromptEntry
+from sdxl_split.shared.loras import LoraUse
+from sdxl_split.shared.prompts import MAX_COUNT, MAX_LORAS, PromptEntry
 from sdxl_split.shared.wire_fields import (
+    MAX_FILENAME_CHARS,
+    MAX_PATH_CHARS,
     ProtocolError,
     entry_field,
     entry_json,
@@ -16,6 +19,7 @@ from sdxl_split.shared.wire_fields import (
     filename_field,
     hex64_field,
     int_field,
+    scale_field,
     seconds_field,
     str_field,
 )
@@ -25,7 +29,6 @@ MAX_WORKER_CHARS = 128
 MAX_DEVICE_CHARS = 64
 MAX_CREDITS = 64
 MAX_IMAGES = MAX_COUNT
-MAX_PATH_CHARS = 4096
 
 
 class _Message:
@@ -85,6 +88,8 @@ class Job(_Message):
     # Kept out of repr: megabytes of tensors and bytes would bury the job's identity in logs.
     record: Embeddings = field(repr=False)
     payload: bytes = field(repr=False)
+    # The UNet halves of the job's LoRAs: the denoiser renders it with exactly these files, or answers ERROR.
+    loras: tuple[LoraUse, ...] = ()
 
     TYPE = "JOB"
 
@@ -102,23 +107,32 @@ class Job(_Message):
         # A job whose prompt texts differ from its embeddings would render one prompt and label it another.
         if self.entry.texts() != self.record.texts:
             raise ProtocolError("entry texts do not match the texts the embeddings were made from")
+        if not isinstance(self.loras, tuple) or len(self.loras) > MAX_LORAS:
+            raise ProtocolError(f"loras must be a tuple of at most {MAX_LORAS}")
+        for n, use in enumerate(self.loras):
+            if not isinstance(use, LoraUse):
+                raise ProtocolError("loras must hold LoraUse records")
+            str_field(use.name, f"loras[{n}].name", 1, MAX_FILENAME_CHARS)
+            hex64_field(use.sha256, f"loras[{n}].sha256")
+            scale_field(use.scale, f"loras[{n}]")
 
     @classmethod
     def header_fields(cls) -> tuple[str, ...]:
         # The record travels as the second frame; its key in the header lets the receiver check it.
-        return ("work_id", "attempt", "embedding_key", "entry")
+        return ("work_id", "attempt", "embedding_key", "entry", "loras")
 
     @classmethod
     def build(cls, work_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
-              payload: bytes | None = None) -> Job:
+              payload: bytes | None = None, loras: tuple[LoraUse, ...] = ()) -> Job:
         """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
         (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
         return cls(work_id=work_id, attempt=attempt, entry=entry, record=record,
-                   payload=record.to_bytes() if payload is None else payload)
+                   payload=record.to_bytes() if payload is None else payload, loras=tuple(loras))
 
     def _header(self) -> dict[str, Any]:
         return {"work_id": self.work_id, "attempt": self.attempt, "embedding_key": self.record.key,
-                "entry": entry_json(self.entry)}
+                "entry": entry_json(self.entry),
+                "loras": [{"name": u.name, "sha256": u.sha256, "scale": u.scale} for u in self.loras]}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sdxl_split.shared.errors import UserError, os_error_line
+from sdxl_split.shared.errors import UserError, first_line, os_error_line
 
 _PR_SET_PDEATHSIG = 1
 
@@ -98,7 +98,7 @@ def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0)
             import traceback
 
             traceback.print_exc()
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        first = first_line(err, 300)
         print(f"internal error: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
         sys.exit(1)
 

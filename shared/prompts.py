@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
 
-JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id", "syntax"}
+JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id", "syntax",
+                "loras"}
+MAX_LORAS = 16
 # How a prompt's text is read: as is (diffusers), A1111's or ComfyUI's weights and chunks, or compel's language.
 SYNTAXES = ("plain", "a1111", "comfy", "compel")
 _TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
@@ -32,6 +35,8 @@ class PromptEntry:
     id: str | None = None
     # This line's own --prompt-syntax (JSONL `syntax`); None: the run's.
     syntax: str | None = None
+    # This line's own LoRAs (JSONL `loras`): (name or path, scale) pairs, on top of the run's --lora.
+    loras: tuple[tuple[str, float], ...] | None = None
 
     def texts(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in _TEXT_FIELDS}
@@ -80,10 +85,31 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
         value = obj.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
             raise _fail(path, number, f"{name!r} must be an integer from {low} to {high}")
+    loras = _jsonl_loras(path, number, obj.get("loras"))
     seed, count = obj.get("seed"), obj.get("count") or 1
     if seed is not None and seed + count - 1 > MAX_SEED:
         raise _fail(path, number, f"'seed' {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
-    return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS})
+    return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS - {"loras"}}, loras=loras)
+
+
+def _jsonl_loras(path: Path, number: int, value: object) -> tuple[tuple[str, float], ...] | None:
+    """`loras`: [{"name": "detail"} or {"path": "/x/style.safetensors", "scale": 0.8}, ...]."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise _fail(path, number, f"'loras' must be a list of at most {MAX_LORAS} objects like "
+                    '{"name": "detail", "scale": 0.8}')
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) - {"name", "path", "scale"} or ("name" in item) == ("path" in item):
+            raise _fail(path, number, "each of 'loras' needs a 'name' or a 'path' (not both) and may have a 'scale'")
+        where = item.get("name", item.get("path"))
+        scale = item.get("scale", 1.0)
+        if not isinstance(where, str) or not where or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale) or abs(scale) > 100:
+            raise _fail(path, number, "a LoRA's name or path must be a string and its scale a number within +-100")
+        out.append((where, float(scale)))
+    return tuple(out)
 
 
 def _check_texts(path: Path, entry: PromptEntry) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from sdxl_split.shared.embeddings import EmbeddingFormatError, decode_embeddings
+from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part of this module's interface)
     MAX_CREDITS,
     MAX_DEVICE_CHARS,
@@ -49,6 +50,7 @@ from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part
     Ready,
     reason_text,
 )
+from sdxl_split.shared.prompts import MAX_LORAS
 from sdxl_split.shared.wire_fields import ProtocolError, entry_field, exact_keys, hex64_field, int_field
 
 PROTOCOL_ID = "sdxl-split"
@@ -120,6 +122,7 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
     attempt = int_field(header["attempt"], "attempt", 1)
     key = hex64_field(header["embedding_key"], "embedding_key")
     entry = entry_field(header["entry"], "entry")
+    loras = lora_uses(header["loras"])
     if len(payload) > max_payload_bytes:
         raise ProtocolError(f"JOB payload is {len(payload)} bytes; the limit is {max_payload_bytes}")
     payload = bytes(payload)
@@ -127,7 +130,19 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
         record = decode_embeddings(payload, expected_key=key)
     except EmbeddingFormatError as err:
         raise ProtocolError(f"JOB payload is not a valid embedding record: {err}") from None
-    return Job(work_id=work_id, attempt=attempt, entry=entry, record=record, payload=payload)
+    return Job(work_id=work_id, attempt=attempt, entry=entry, record=record, payload=payload, loras=loras)
+
+
+def lora_uses(value: Any) -> tuple[LoraUse, ...]:
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise ProtocolError(f"loras must be a list of at most {MAX_LORAS}")
+    uses = []
+    for n, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ProtocolError(f"loras[{n}] must be an object")
+        exact_keys(item, ("name", "sha256", "scale"), f"loras[{n}]")
+        uses.append(LoraUse(name=item["name"], sha256=item["sha256"], scale=item["scale"]))
+    return tuple(uses)  # Job's own checks validate every field
 
 
 def decode(frames: Sequence[bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> Message:

@@ -70,8 +70,12 @@ def _build(hint: Any, raw: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(raw, list):
             raise SpecError(f"{where}: expected a list")
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_build(item, value, f"{where}[{n}]") for n, value in enumerate(raw))
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+            return tuple(_build(args[0], value, f"{where}[{n}]") for n, value in enumerate(raw))
+        if len(raw) != len(args):
+            raise SpecError(f"{where}: expected {len(args)} items")
+        return tuple(_build(arg, value, f"{where}[{n}]") for n, (arg, value) in enumerate(zip(args, raw)))
     if origin is dict or hint is dict:
         if not isinstance(raw, dict):
             raise SpecError(f"{where}: expected an object")

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from sdxl_split.shared.prompts import MAX_COUNT, MAX_TEXT_CHARS, SYNTAXES, PromptEntry
+from sdxl_split.shared.prompts import MAX_COUNT, MAX_LORAS, MAX_TEXT_CHARS, SYNTAXES, PromptEntry
 
 MAX_INT = 2**63 - 1
 MAX_FILENAME_CHARS = 255
+MAX_PATH_CHARS = 4096
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -107,7 +108,27 @@ def entry_field(value: Any, name: str) -> PromptEntry:
         count=optional_int(value["count"], f"{name}.count", 1, MAX_COUNT),
         id=optional_str(value["id"], f"{name}.id"),
         syntax=_syntax(value["syntax"], f"{name}.syntax"),
+        loras=_loras(value["loras"], f"{name}.loras"),
     )
+
+
+def _loras(value: Any, name: str) -> tuple[tuple[str, float], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_LORAS:
+        raise ProtocolError(f"{name} must be a list of at most {MAX_LORAS} [name, scale] pairs")
+    out = []
+    for n, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ProtocolError(f"{name}[{n}] must be a [name, scale] pair")
+        out.append((str_field(pair[0], f"{name}[{n}].name", 1, MAX_PATH_CHARS), scale_field(pair[1], f"{name}[{n}]")))
+    return tuple(out)
+
+
+def scale_field(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > 100:
+        raise ProtocolError(f"{name} scale must be a finite number within +-100")
+    return float(value)
 
 
 def _syntax(value: Any, name: str) -> str | None:
@@ -117,4 +138,7 @@ def _syntax(value: Any, name: str) -> str | None:
 
 
 def entry_json(entry: PromptEntry) -> dict[str, Any]:
-    return {f: getattr(entry, f) for f in _ENTRY_FIELDS}
+    out = {f: getattr(entry, f) for f in _ENTRY_FIELDS}
+    if entry.loras is not None:
+        out["loras"] = [list(pair) for pair in entry.loras]
+    return out

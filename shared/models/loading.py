@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.errors import UserError, first_line
 from sdxl_split.shared.models.resolve import ModelSource
 
 TEXT_ONLY = {"unet": None, "vae": None, "scheduler": None}
@@ -34,5 +34,5 @@ def load_partial_pipeline(
         return StableDiffusionXLPipeline.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as err:
         # diffusers' messages run to several lines of advice about its own API; the first says what broke.
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err, 200)
         raise UserError(f"cannot load SDXL components from {source.spec}: {first}; is it an SDXL model?") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from sdxl_split.shared.digests import DigestMemo
-from sdxl_split.shared.errors import ModelNotFoundError, UserError
+from sdxl_split.shared.errors import ModelNotFoundError, UserError, first_line
 from sdxl_split.shared.models.architectures import ARCHITECTURES, MARKER_FILE
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -119,7 +119,7 @@ def _hub_source(spec: str, revision: str | None) -> ModelSource:
             # huggingface_hub's own text runs to a paragraph; this is what it means.
             reason = "not in the local hub cache, and the hub is unreachable or HF_HUB_OFFLINE is set"
         else:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
         raise ModelNotFoundError(
             f"cannot fetch model '{spec}' from the Hugging Face hub ({reason[:160]}); "
             "use --model tiny to try sdxl-split offline, or --model PATH for a local diffusers folder "

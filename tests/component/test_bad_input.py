@@ -115,7 +115,8 @@ def test_a_full_disk_keeps_the_job_pending_and_names_the_path(session_cache: Pat
 
     source = resolve_model("tiny", session_cache)
     config = RenderConfig(out_dir=tmp_path / "out", width=64, height=64, steps=2)
-    spec = DenoiserSpec(source=source, identity=model_identity(source, session_cache), config=config)
+    spec = DenoiserSpec(source=source, identity=model_identity(source, session_cache), config=config,
+                        cache_dir=session_cache)
     record = _record(session_cache, "a cat")
 
     def full(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ from sdxl_split.encoder_service.service import EncodeSpec
 from sdxl_split.shared import specs
 from sdxl_split.shared.embeddings import EncodingSettings
 from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.wakeup import StopFlag, Wakeup, watch_stop
 
@@ -32,7 +33,9 @@ def test_run_specs_round_trip_through_json() -> None:
         cache_dir=Path("/c"), config=EncodeConfig(batch_size=2),
         link=LinkConfig(endpoint="ipc:///tmp/x", curve_dir=None, max_attempts=4), wait_s=30.0)
     serve = ServeSpec(denoiser=DenoiserSpec(source=SOURCE, identity=ModelIdentity("tiny", "sha256:y"),
-                                            config=RenderConfig(out_dir=Path("o"), steps=4, guidance=6)),
+                                            config=RenderConfig(out_dir=Path("o"), steps=4, guidance=6),
+                                            cache_dir=Path("/c"),
+                                            extras=ExtrasSpec(run_loras=(("detail", 0.5),), lora_dir=Path("/l"))),
                       endpoint="ipc:///tmp/x", credits=3, curve_dir=Path("/keys"))
     assert specs.loads(EncodeSpec, specs.dumps(encode)) == encode
     assert specs.loads(ServeSpec, specs.dumps(serve)) == serve
@@ -46,7 +49,8 @@ def test_run_specs_round_trip_through_json() -> None:
     (lambda raw: raw["denoiser"]["config"].update(steps=True), "expected int"),
 ])
 def test_a_spec_that_does_not_fit_is_refused(change, message: str) -> None:
-    serve = ServeSpec(denoiser=DenoiserSpec(SOURCE, ModelIdentity("tiny", "f"), RenderConfig()), endpoint="ipc://x")
+    serve = ServeSpec(denoiser=DenoiserSpec(SOURCE, ModelIdentity("tiny", "f"), RenderConfig(), Path("/c")),
+                      endpoint="ipc://x")
     raw = specs.to_jsonable(serve)
     change(raw)
     with pytest.raises(specs.SpecError, match=message):

@@ -1,0 +1,164 @@
+"""LoRAs and textual inversions across the split (tiny model): the text half in the encoder, the UNet half in the
+denoiser, images bit-identical to diffusers' own pipeline with the same adapters, and cache keys that follow them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdxl_split.encoder_service.text_side import TextSide
+from sdxl_split.shared.embeddings import TENSOR_NAMES, encoding_settings, entry_key
+from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.loras import parse_flag, strip_tags
+from sdxl_split.shared.models.resolve import resolve_model
+from sdxl_split.shared.models.test_assets import tiny_embedding, tiny_lora
+from sdxl_split.shared.prompt_extras import ExtrasResolver
+from sdxl_split.shared.prompts import PromptEntry
+
+RENDER = ["--size", "64x64", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    (folder / "style.safetensors").write_bytes(tiny_lora("both", seed=1))
+    (folder / "detail.safetensors").write_bytes(tiny_lora("both", seed=2))
+    (folder / "unetonly.safetensors").write_bytes(tiny_lora("unet", seed=3))
+    (folder / "textonly.safetensors").write_bytes(tiny_lora("text", seed=4))
+    (folder / "sparkle.safetensors").write_bytes(tiny_embedding(seed=5))
+    return folder
+
+
+def monolith(tiny_dir: Path, assets: Path, prompt: str, negative: str | None, loras: list[tuple[str, float]],
+             inversion: bool = False) -> np.ndarray:
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in loras:
+        pipe.load_lora_weights(str(assets / f"{name}.safetensors"), adapter_name=name)
+    if loras:
+        pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
+    if inversion:
+        vectors = load_file(str(assets / "sparkle.safetensors"))
+        pipe.load_textual_inversion(vectors["clip_l"], token="sparkle", text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(vectors["clip_g"], token="sparkle", text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    image = pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=3, height=64, width=64,
+                 generator=[torch.Generator("cpu").manual_seed(0)]).images[0]
+    return np.array(image)
+
+
+def split(cli, tmp_path: Path, assets: Path, rows: list[dict], *flags: str) -> list[np.ndarray]:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["--lora-dir", str(assets), "--embedding", str(assets / "sparkle.safetensors"), *flags]
+    encoded = cli("--model", "tiny", "encode", str(prompts), *common)
+    assert encoded.returncode == 0, encoded.stderr
+    out = tmp_path / "out"
+    rendered = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), *RENDER, *common)
+    assert rendered.returncode == 0, rendered.stderr
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: np.array(Image.open(out / r["file"])) for r in records}
+    return [by_prompt[row["prompt"]] for row in rows]
+
+
+@pytest.mark.parametrize("case", ["one", "two-scales", "unet-only", "text-only", "inversion"])
+def test_split_images_equal_diffusers_with_the_same_adapters(cli, tmp_path: Path, tiny_dir: Path, assets: Path,
+                                                             case: str) -> None:
+    if case == "one":
+        row, flags, loras = {"prompt": "a cat <lora:style:0.8>"}, [], [("style", 0.8)]
+    elif case == "two-scales":
+        row = {"prompt": "a cat", "loras": [{"name": "style", "scale": 0.5}, {"name": "detail", "scale": 1.3}]}
+        flags, loras = [], [("style", 0.5), ("detail", 1.3)]
+    elif case == "unet-only":
+        row, flags, loras = {"prompt": "a cat"}, ["--lora", str(assets / "unetonly.safetensors") + ":0.9"], [
+            ("unetonly", 0.9)]
+    elif case == "text-only":
+        row, flags, loras = {"prompt": "a cat <lora:textonly>"}, [], [("textonly", 1.0)]
+    else:
+        row, flags, loras = {"prompt": "a sparkle cat", "negative_prompt": "sparkle, blurry"}, [], []
+    text = row["prompt"].split(" <lora")[0]
+    expected = monolith(tiny_dir, assets, text, row.get("negative_prompt"), loras, inversion=case == "inversion")
+    [ours] = split(cli, tmp_path, assets, [row], *flags)
+    assert np.array_equal(ours, expected), f"{case}: split image differs from diffusers'"
+
+
+def test_prompts_with_and_without_loras_in_one_run_get_their_own_tensors(session_cache: Path, assets: Path) -> None:
+    source = resolve_model("tiny", session_cache)
+    resolver = ExtrasResolver((), assets, (), None, session_cache)
+    plain, styled = PromptEntry(line=1, prompt="a cat"), PromptEntry(line=2, prompt="a cat <lora:style:0.7>")
+    side = TextSide(source, "cpu", "fp32")
+
+    def encode(entry: PromptEntry) -> dict:
+        extras = resolver.resolve(entry)
+        side.use_loras(extras.text_loras)
+        return side.encode([extras.entry], None)[0].tensors
+
+    alternating = [encode(entry) for entry in (plain, styled, plain, styled)]
+    alone = [encode(plain)]
+    fresh = TextSide(source, "cpu", "fp32")
+    extras = resolver.resolve(styled)
+    fresh.use_loras(extras.text_loras)
+    alone.append(fresh.encode([extras.entry], None)[0].tensors)
+    for got, want in zip(alternating, [*alone, *alone]):
+        assert all(torch.equal(got[n], want[n]) for n in TENSOR_NAMES)
+    assert not torch.equal(alone[0]["prompt_embeds"], alone[1]["prompt_embeds"]), "the LoRA must change them"
+
+
+def test_the_cache_key_follows_text_side_loras_and_nothing_else(session_cache: Path, assets: Path,
+                                                                tmp_path: Path) -> None:
+    settings = encoding_settings(resolve_model("tiny", session_cache), session_cache, "fp32", None)
+
+    def key(prompt: str, folder: Path = assets) -> str:
+        entry = PromptEntry(line=1, prompt=prompt)
+        return entry_key(entry, settings, ExtrasResolver((), folder, (), None, session_cache).resolve(entry))
+
+    base = key("a cat")
+    assert key("a cat <lora:style:0.8>") != key("a cat <lora:style:0.9>") != base
+    assert key("a cat <lora:unetonly:0.8>") != base  # the text differs (the tag), but...
+    unet_only = ExtrasResolver((("unetonly", 0.8),), assets, (), None, session_cache)
+    entry = PromptEntry(line=1, prompt="a cat")
+    assert entry_key(entry, settings, unet_only.resolve(entry)) == base, "a UNet-only LoRA leaves the key alone"
+    changed = tmp_path / "loras"
+    changed.mkdir()
+    (changed / "style.safetensors").write_bytes(tiny_lora("both", seed=99))  # same name, other bytes
+    assert key("a cat <lora:style:0.8>", changed) != key("a cat <lora:style:0.8>")
+
+
+def test_lora_tags_and_flags_parse_as_a1111_writes_them(session_cache: Path, assets: Path) -> None:
+    assert strip_tags("a cat <lora:style:0.6>, <lora:detail>") == ("a cat , ", [("style", 0.6), ("detail", 1.0)])
+    assert parse_flag("/x/y.safetensors:0.5") == ("/x/y.safetensors", 0.5)
+    assert parse_flag("/x/y.safetensors") == ("/x/y.safetensors", 1.0)
+    resolver = ExtrasResolver((), assets, (), None, session_cache)
+    with pytest.raises(UserError, match=f"LoRA 'nosuch' not found: no such file in --lora-dir {assets}"):
+        resolver.resolve(PromptEntry(line=3, prompt="a <lora:nosuch:1>"))
+    with pytest.raises(UserError, match="scale 'lots' is not a number"):
+        resolver.resolve(PromptEntry(line=3, prompt="a <lora:style:lots>"))
+
+
+def test_a_missing_lora_is_one_line_before_anything_loads(cli, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat <lora:ghost:0.5>\n")
+    result = cli("--model", "tiny", "encode", str(prompts), "--lora-dir", str(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "LoRA 'ghost' not found" in lines[0]
+
+
+def test_fuse_lora_renders_its_set_and_refuses_jobs_that_need_another(cli, tmp_path: Path, assets: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog <lora:detail:0.5>\n")
+    flags = ["--lora", "style:0.8", "--lora-dir", str(assets)]
+    assert cli("--model", "tiny", "encode", str(prompts), *flags).returncode == 0
+    result = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(tmp_path / "o"), *RENDER,
+                 *flags, "--fuse-lora")
+    assert result.returncode == 3, result.stderr
+    assert "has LoRAs fused (--fuse-lora: style:0.8)" in result.stderr
+    assert "needs style:0.8, detail:0.5" in result.stderr
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
