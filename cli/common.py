@@ -64,3 +64,14 @@ def default_dtype(device: str, dtype: str | None) -> str:
 def print_json(payload: dict) -> None:
     json.dump(payload, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def read_prompts(opts: GlobalOptions, prompts, encoding):
+    """The whole prompt file, checked (lines, LoRA names, inversions) before anything loads; warnings shown."""
+    from sdxl_split.shared.prompts import parse_prompt_file
+
+    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
+    for warning in prompt_file.warnings:
+        notice(f"warning: {warning}")
+    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
+    return prompt_file

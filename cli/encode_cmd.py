@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, resolve
+from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, read_prompts, resolve
 from sdxl_split.cli.options import Encoding, command_for, encoding_options, link_options, threads_option
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
@@ -65,13 +65,9 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
     from sdxl_split.encoder_service.config import EncodeConfig
     from sdxl_split.encoder_service.dispatcher import LinkConfig
     from sdxl_split.encoder_service.service import EncodeSpec
-    from sdxl_split.shared.prompts import parse_prompt_file
     from sdxl_split.shared.security import is_loopback
 
-    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
-    for warning in prompt_file.warnings:
-        notice(f"warning: {warning}")
-    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
+    prompt_file = read_prompts(opts, prompts, encoding)
     device = check_device(encoding.encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=encoding.dtype, clip_skip=encoding.clip_skip, batch_size=batch_size,
                           threads=threads)

@@ -25,7 +25,8 @@ from sdxl_split.shared.settings import GlobalOptions
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5577"
 
 
-def _apply(func, options: list):
+def apply_options(func, options: list):
+    """Decorate `func` with click options so --help lists them in the order given."""
     for option in reversed(options):
         func = option(func)
     return func
@@ -71,7 +72,7 @@ class Encoding:
 
 def encoding_options(func):
     """Options that change the embeddings; `render --prompts` takes the same ones to find them."""
-    return _apply(func, [
+    return apply_options(func, [
         click.option("--negative-prompt", default=None, help="Negative prompt for every line that has none."),
         click.option("--prompt-syntax", type=click.Choice(SYNTAXES), default="plain", show_default=True,
                      help="How prompts are read: plain (as diffusers: 77 tokens, no weights), a1111 (A1111's "
@@ -103,7 +104,7 @@ def encoding_options(func):
 
 def link_options(func):
     """Where the encoder listens for denoisers, and how it treats them."""
-    return _apply(func, [
+    return apply_options(func, [
         click.option("--bind", default=DEFAULT_ENDPOINT, show_default=True, envvar="SDXL_SPLIT_BIND",
                      help="ZeroMQ endpoint denoisers connect to (tcp://HOST:PORT or ipc://PATH)."),
         click.option("--wait", "wait_s", type=click.FloatRange(0), default=10.0, show_default=True,
@@ -145,7 +146,7 @@ def credits_option():
 
 def lora_serving_options(func):
     """How a denoiser holds the UNet halves of LoRAs."""
-    return _apply(func, [
+    return apply_options(func, [
         click.option("--lora-cache", type=click.IntRange(1, 256), default=8, show_default=True,
                      help="LoRA adapters kept loaded at once; the least recently used is dropped past this."),
         click.option("--fuse-lora", is_flag=True,
@@ -156,7 +157,7 @@ def lora_serving_options(func):
 
 def render_options(func):
     """The denoiser's knobs; `run` and `bench` take the same ones."""
-    return _apply(func, [
+    return apply_options(func, [
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("images"),
                      show_default=True, help="Output folder for PNGs and manifest.jsonl."),
         click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present, else cpu]."),
@@ -200,8 +201,9 @@ def render_options(func):
     ])
 
 
-def render_config_from(kw: dict) -> RenderConfig:
-    """The frozen RenderConfig from render_options' values, refused before anything loads if it cannot work."""
+def render_config_from(kw: dict, remote: bool = False) -> RenderConfig:
+    """The frozen RenderConfig from render_options' values, refused before anything loads if it cannot work.
+    `remote`: the denoisers run on other machines (Ray), so this one's lack of a GPU says nothing."""
     import torch
 
     device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +216,7 @@ def render_config_from(kw: dict) -> RenderConfig:
         offload=kw["offload"], steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
     )
-    validate(config, torch.cuda.is_available())
+    validate(config, remote or torch.cuda.is_available())
     if not config.device.startswith("cuda"):
         check_device(config.device)
     return config

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from sdxl_split.cli.common import check_endpoint, notice, print_json, resolve
+from sdxl_split.cli.common import check_endpoint, notice, print_json, read_prompts, resolve
 from sdxl_split.cli.options import (
     DEFAULT_ENDPOINT,
     Encoding,
@@ -71,13 +71,9 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     from sdxl_split.denoiser_service.service import find_cached, render_jobs
     from sdxl_split.shared.embedding_cache import EmbeddingCache
     from sdxl_split.shared.memory import format_memory_line
-    from sdxl_split.shared.prompts import parse_prompt_file
 
-    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
-    for warning in prompt_file.warnings:
-        notice(f"warning: {warning}")
+    prompt_file = read_prompts(opts, prompts, encoding)
     check_seeds(prompts, prompt_file.entries, config)
-    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
     spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
                          lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
     settings = encoding.settings(spec.source, opts.cache_dir)

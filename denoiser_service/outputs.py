@@ -91,6 +91,19 @@ class OutputDir:
                 continue  # a torn last line from a crash; that image is recorded again
         self._read_upto = handle.tell()
 
+    def recorded_digests(self) -> dict[str, str]:
+        """{file name: sha256} of every image the manifest lists (a torn last line is skipped)."""
+        digests: dict[str, str] = {}
+        if not self.manifest.is_file():
+            return digests
+        for line in self.manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                digests[str(row["file"])] = str(row["sha256"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return digests
+
     def exists(self, filename: str) -> bool:
         return (self.root / filename).is_file()
 

@@ -44,16 +44,11 @@ class ModelIdentity:
 
 def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity,
              loras: tuple[LoraUse, ...] = ()) -> RenderJob:
-    seed = entry.seed if entry.seed is not None else config.seed
-    count = entry.count if entry.count is not None else config.images_per_prompt
-    if seed + count - 1 > MAX_SEED:
-        raise JobError(f"seed {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
-    job = job_id(record.key, seed, count, config.pixel_settings(), model.fingerprint, loras)
-    metas, names = [], []
+    job, seed, count, names = job_files(record.key, entry, config, model, loras)
+    metas = []
     for index in range(count):
-        image = image_id(job, index)
         metas.append(ImageMeta(
-            image_id=image, job_id=job, index=index, seed=seed + index, prompt=entry.prompt,
+            image_id=image_id(job, index), job_id=job, index=index, seed=seed + index, prompt=entry.prompt,
             negative_prompt=entry.negative_prompt, embedding_key=record.key,
             sampler=SCHEDULERS[config.scheduler][2], model=model.name,
             model_hash=model.hash or model.fingerprint.split(":")[-1], model_source=model.source,
@@ -65,8 +60,19 @@ def make_job(entry: PromptEntry, record: Embeddings, config: RenderConfig, model
             lora_hashes=_hashes((u.name, u.sha256) for u in (*record.settings.loras, *loras)),
             ti_hashes=_hashes(record.settings.inversions),
         ))
-        names.append(image_filename(entry.prompt, image))
-    return RenderJob(job, entry, record, seed, count, tuple(metas), tuple(names), tuple(loras))
+    return RenderJob(job, entry, record, seed, count, tuple(metas), names, tuple(loras))
+
+
+def job_files(key: str, entry: PromptEntry, config: RenderConfig, model: ModelIdentity,
+              loras: tuple[LoraUse, ...] = ()) -> tuple[str, int, int, tuple[str, ...]]:
+    """(job id, first seed, image count, file names) of a prompt's job: what it will write, known from the
+    embedding key alone, so finished work can be found before anything is encoded."""
+    seed = entry.seed if entry.seed is not None else config.seed
+    count = entry.count if entry.count is not None else config.images_per_prompt
+    if seed + count - 1 > MAX_SEED:
+        raise JobError(f"seed {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
+    job = job_id(key, seed, count, config.pixel_settings(), model.fingerprint, loras)
+    return job, seed, count, tuple(image_filename(entry.prompt, image_id(job, index)) for index in range(count))
 
 
 def _hashes(pairs) -> str | None:
