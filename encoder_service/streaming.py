@@ -117,12 +117,16 @@ def run_streaming_encode(
         idle_since = time.monotonic()
         table = dispatcher.table
         while table.outstanding and not stop.is_set():
-            dispatcher.pump(link.heartbeat_s)
-            # A denoiser still loading its model heartbeats before READY; that counts as coming.
             if table.workers:
                 idle_since = time.monotonic()
-            elif time.monotonic() - max(idle_since, dispatcher.last_peer_seen) > wait_s:
+                dispatcher.pump(link.heartbeat_s)
+                continue
+            # No denoiser: wait for one at most wait_s (a denoiser still loading its model heartbeats before
+            # READY; that counts as coming), and not a poll timeout longer.
+            left = wait_s - (time.monotonic() - max(idle_since, dispatcher.last_peer_seen))
+            if left < 0:
                 break
+            dispatcher.pump(min(link.heartbeat_s, left))
         if stop.is_set():
             drain(dispatcher, report)
         counts = table.counts()

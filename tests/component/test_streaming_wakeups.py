@@ -1,0 +1,62 @@
+"""The encoder's link loop is event-driven: a prompt that finishes encoding is queued at once, not when the
+socket poll next times out. A text side that returns instantly shows it: fifty prompts take a fraction of one
+poll timeout each, where waiting for the timeout would cost fifty of them."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sdxl_split.encoder_service.dispatcher import LinkConfig
+from sdxl_split.encoder_service.journal import Journal
+from sdxl_split.encoder_service.streaming import run_streaming_encode
+from sdxl_split.encoder_service.text_side import EncodedPrompt
+from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.prompts import PromptEntry
+
+POLL_S = 2.0
+PROMPTS = 50
+
+
+class InstantTextSide:
+    """Returns right away, so all the time measured is the loop's own."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, batch: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
+        self.calls += 1
+        return [EncodedPrompt(tensors={"prompt_embeds": torch.zeros(1, 77, 32),
+                                       "negative_prompt_embeds": torch.zeros(1, 77, 32),
+                                       "pooled_prompt_embeds": torch.zeros(1, 32),
+                                       "negative_pooled_prompt_embeds": torch.zeros(1, 32)},
+                              dropped={}) for _ in batch]
+
+    def use_loras(self, loras: tuple) -> None:
+        pass
+
+
+def test_finished_prompts_are_queued_without_waiting_for_the_poll_timeout(tmp_path: Path) -> None:
+    text_side = InstantTextSide()
+    entries = [PromptEntry(line=n + 1, prompt=f"prompt {n}") for n in range(PROMPTS)]
+    settings = EncodingSettings(fingerprint="test", clip_skip=None, dtype="fp32", force_zeros=False)
+    link = LinkConfig(endpoint=f"ipc://{tempfile.mkdtemp(prefix='sxs-')}/link.ipc", heartbeat_s=POLL_S)
+    meter = MemoryMeter()
+    started = time.perf_counter()
+    try:
+        result = run_streaming_encode(entries, settings, EmbeddingCache(tmp_path / "embeddings"), lambda: text_side,
+                                      meter, link, Journal(tmp_path / "journal.jsonl"), wait_s=0.0,
+                                      stop=threading.Event(), report=lambda message: None)
+    finally:
+        meter.close()
+    seconds = time.perf_counter() - started
+    assert result.encode.encoded == PROMPTS and text_side.calls == PROMPTS and result.jobs == PROMPTS
+    # Each encode (and the load before them) is one wait on the link; a loop that slept through the poll
+    # timeout would take PROMPTS * POLL_S = 100 s. Five timeouts' worth leaves room for a loaded machine.
+    assert seconds < 5 * POLL_S, f"{PROMPTS} instant encodes took {seconds:.1f} s"
