@@ -22,6 +22,7 @@ from sdxl_split.cli.options import (
     render_options,
 )
 from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
+from sdxl_split.cli.run_ray import RAY_ONLY, check_engine_options, ray_options, run_with_ray
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -34,23 +35,37 @@ ENCODER_WAIT_S = 30.0
 @encoding_options
 @lora_serving_options
 @render_options
-@click.option("--denoisers", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Denoiser processes to start (they share the jobs by speed).")
+@click.option("--engine", type=click.Choice(["zmq", "ray"]), default="zmq", show_default=True,
+              help="zmq: processes on this machine linked over ipc://; ray: Ray Data actor pools on this machine or "
+                   "a cluster (needs the ray extra).")
+@click.option("--denoisers", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Denoiser processes (zmq) or actors (ray) to start; they share the jobs by speed.")
 @credits_option()
 @max_attempts_option()
 @job_timeout_option()
 @click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: denoisers sleep before each job.")
-@click.pass_obj
-def run(opts: GlobalOptions, prompts: Path, denoisers: int, credits: int, max_attempts: int,
+@ray_options
+@click.pass_context
+def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits: int, max_attempts: int,
         job_timeout: float | None, job_delay: float, **kw) -> None:
-    """Encode PROMPTS and render them, each side in its own process, on this machine.
+    """Encode PROMPTS and render them, each side in its own process.
 
     The encoder runs on --encoder-device (cpu), the denoiser(s) on --device (cuda if present).
-    Embeddings stream over ipc:// as they are made, so the first image starts while later
-    prompts are still being encoded. Ctrl-C finishes in-flight images, journals, and exits;
-    re-running the same command renders only what is missing. At the end each process's own
-    peak memory is printed side by side.
+    Embeddings stream to the denoisers as they are made, so the first image starts while later
+    prompts are still being encoded. Re-running the same command renders only what is missing.
+    At the end each process's own peak memory is printed side by side.
+
+    --engine zmq (default) runs on this machine; Ctrl-C finishes in-flight images, journals and
+    exits. --engine ray runs encoder and denoiser actor pools on Ray Data, locally or on a
+    cluster (--ray-address auto); a dead actor is restarted and its batch retried.
     """
+    opts: GlobalOptions = ctx.obj
+    check_engine_options(ctx, engine, denoisers)
+    if engine == "ray":
+        run_with_ray(opts, prompts, denoisers, kw)
+        return
+    for name in RAY_ONLY:
+        kw.pop(name)
     from sdxl_split.denoiser_service.service import ServeSpec
     from sdxl_split.denoiser_service.service import child_main as denoiser_main
     from sdxl_split.encoder_service.service import child_main as encoder_main

@@ -192,3 +192,15 @@ def test_an_offline_tiny_vae_miss_says_what_it_means(cli, cache_dir: Path, tmp_p
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
     assert result.returncode == 2 and len(lines) == 1
     assert "neither on disk" in lines[0] and "--vae-model" in lines[0] and "config.json" not in lines[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--engine", "ray", "--credits", "4"], "--credits only applies to --engine zmq"),
+    (["--encoders", "2"], "--encoders only applies to --engine ray"),
+    (["--ray-address", "auto", "--job-timeout", "60"], "--ray-address only applies to --engine ray"),
+])
+def test_an_option_of_the_other_engine_is_refused(cli, tmp_path: Path, flags, words: str) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n")
+    result = cli("--model", "tiny", "run", str(prompts), *flags)
+    assert result.returncode == 2 and words in result.stderr, result.stderr

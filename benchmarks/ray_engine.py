@@ -1,0 +1,114 @@
+"""Benchmark: `run --engine ray` against the ZeroMQ `run` and a one-process diffusers monolith.
+
+    pip install -e '.[ray]' && python benchmarks/ray_engine.py     # tiny model, 32 prompts (about 6 minutes)
+
+Every run is a fresh process (or set of processes) with its own empty cache, on this machine; each figure is the
+median of --pairs. Both engines give the encoder one core and the denoiser one (Ray: --encoder-cpus 1
+--denoiser-cpus 1; run splits the cores the same way by itself). Ray's start-up (ray.init of a local Ray) is
+reported on its own line. Each engine's cost per image is its marginal one: (wall time for N prompts - wall time
+for N/4) / (N - N/4), which leaves out what a run pays once (interpreters, model loads, Ray's start and stop).
+Models use random weights: timings and memory are real, images are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from split_overhead import RESULTS, Bench, prompts_file  # this script's folder
+
+STARTUP = re.compile(r"ray start-up: ([0-9.]+) s")
+
+
+def ray_run(bench: Bench, prompts: Path) -> tuple[float, float]:
+    """(wall seconds, of which Ray's start-up) of one `run --engine ray` from an empty cache."""
+    import subprocess
+
+    out, cache = Path(tempfile.mkdtemp(dir=bench.root)), bench.fresh_cache()
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "run", str(prompts), "--out",
+                           str(out), *bench.render_flags(), "--engine", "ray", "--encoder-cpus", "1",
+                           "--denoiser-cpus", "1"], capture_output=True, text=True,
+                          env={**os.environ, "SDXL_SPLIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - started
+    found = STARTUP.search(done.stdout)
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"run --engine ray failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    return wall, float(found.group(1))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    bench = Bench(args)
+    prompts, quarter = prompts_file(bench.root, args.prompts), prompts_file(bench.root, args.prompts // 4)
+    seconds: dict[str, list[float]] = {name: [] for name in (
+        "monolith", "zmq run", "zmq run (quarter)", "ray run", "ray run (quarter)", "ray start-up")}
+    for pair in range(args.pairs):
+        print(f"pair {pair + 1}/{args.pairs} ...", file=sys.stderr, flush=True)
+        seconds["monolith"].append(bench.monolith(prompts))
+        seconds["zmq run"].append(bench.run(prompts, bench.fresh_cache()))
+        seconds["zmq run (quarter)"].append(bench.run(quarter, bench.fresh_cache()))
+        wall, startup = ray_run(bench, prompts)
+        seconds["ray run"].append(wall)
+        seconds["ray start-up"].append(startup)
+        seconds["ray run (quarter)"].append(ray_run(bench, quarter)[0])
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    extra = args.prompts - args.prompts // 4
+    marginal = {engine: (median[f"{engine} run"] - median[f"{engine} run (quarter)"]) / extra
+                for engine in ("zmq", "ray")}
+    return {"seconds": seconds, "median_s": median, "marginal_s_per_image": marginal,
+            "monolith_s_per_image": median["monolith"] / args.prompts,
+            "ray_marginal_vs_zmq": marginal["ray"] / marginal["zmq"], "target": 1.10}
+
+
+def markdown(payload: dict) -> str:
+    s = payload["setup"]
+    lines = [f"# Ray engine against ZeroMQ and the monolith, {s['date']} ({s['cpu']}, {s['cores']} cores)", "",
+             f"- tiny model (random weights), {s['prompts']} prompts (quarter: {s['prompts'] // 4}), "
+             f"{s['size']}x{s['size']}, {s['steps']} steps; medians of {s['pairs']} runs, each a fresh process "
+             "with an empty cache",
+             f"- encoder 1 core, denoiser 1 core in both engines; ray {s['ray']}", "",
+             "| what | median s | runs (s) |", "| --- | ---: | --- |"]
+    for name, values in payload["seconds"].items():
+        lines.append(f"| {name} | {payload['median_s'][name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+    marginal = payload["marginal_s_per_image"]
+    lines += ["", f"- ray start-up (ray.init, local): {payload['median_s']['ray start-up']:.2f} s",
+              f"- per image, marginal: zmq {marginal['zmq']:.3f} s, ray {marginal['ray']:.3f} s; "
+              f"monolith {payload['monolith_s_per_image']:.3f} s (its whole wall time / prompts)",
+              f"- ray / zmq per image: {payload['ray_marginal_vs_zmq']:.3f}x (target <= {payload['target']:.2f}x)"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import ray
+
+    payload = measure(args)
+    payload["setup"] = {"date": dt.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+                        "cores": os.cpu_count(), "prompts": args.prompts, "size": args.size, "steps": args.steps,
+                        "pairs": args.pairs, "ray": ray.__version__}
+    text = markdown(payload)
+    stem = f"ray-engine-{payload['setup']['date']}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

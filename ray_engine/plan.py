@@ -1,0 +1,85 @@
+"""What a Ray run has left to do, decided on the driver before Ray starts: one job per distinct piece of work,
+less the jobs whose images are all in --out with the bytes the manifest recorded for them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.outputs import OutputDir
+from sdxl_split.denoiser_service.render_loop import ModelIdentity, job_files
+from sdxl_split.shared.embeddings import EncodingSettings, entry_key
+from sdxl_split.shared.jobs import work_id
+from sdxl_split.shared.prompt_extras import ExtrasResolver
+from sdxl_split.shared.prompts import PromptEntry
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    work_id: str
+    entry: PromptEntry
+    files: tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    todo: list[PlannedJob] = field(default_factory=list)
+    # Images already in --out, intact, that this run keeps.
+    done_images: int = 0
+    # Lines that ask for the same work as an earlier line (same embeddings, seed, count and LoRAs).
+    repeated_lines: int = 0
+    # Finished images whose bytes no longer match the manifest, renamed *.corrupt and rendered again.
+    set_aside: list[Path] = field(default_factory=list)
+
+    @property
+    def todo_images(self) -> int:
+        return sum(len(job.files) for job in self.todo)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _intact(out: OutputDir, name: str, recorded: dict[str, str], plan: Plan) -> bool:
+    """The file is there with the bytes the manifest lists (or is not listed yet: a rename is atomic, so a file
+    that exists is whole, and the denoiser adds its manifest line when it adopts it)."""
+    path = out.root / name
+    if not path.is_file():
+        return False
+    if name not in recorded or _sha256(path) == recorded[name]:
+        return True
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    plan.set_aside.append(aside)
+    return False
+
+
+def plan_jobs(entries: tuple[PromptEntry, ...], settings: EncodingSettings, extras: ExtrasResolver,
+              config: RenderConfig, model: ModelIdentity) -> Plan:
+    """Check each line's images by name and hash; what is missing becomes a job. Names derive from the
+    embedding key, which is a hash of the prompt and settings, so nothing needs encoding to know them."""
+    out = OutputDir(config.out_dir)
+    recorded = out.recorded_digests()
+    plan = Plan()
+    seen: set[str] = set()
+    for entry in entries:
+        resolved = extras.resolve(entry)
+        key = entry_key(entry, settings, resolved)
+        wid = work_id(key, entry.seed, entry.count, resolved.unet_loras)
+        if wid in seen:
+            plan.repeated_lines += 1
+            continue
+        seen.add(wid)
+        _, _, _, files = job_files(key, entry, config, model, resolved.unet_loras)
+        intact = [name for name in files if _intact(out, name, recorded, plan)]
+        if len(intact) == len(files):
+            plan.done_images += len(files)
+        else:
+            plan.todo.append(PlannedJob(work_id=wid, entry=entry, files=files))
+    return plan
