@@ -73,7 +73,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     from sdxl_split.shared import specs
     from sdxl_split.shared.processes import describe_exit
     from sdxl_split.shared.supervisor import ChildSpec, supervise
-    from sdxl_split.shared.threads import shares
+    from sdxl_split.shared.threads import run_threads
 
     choice = Encoding.pop_from(kw)
     config = render_config_from(kw)
@@ -81,16 +81,15 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     try:
         endpoint = f"ipc://{workdir}/link.ipc"
         # Everything is checked and resolved here, once: the children get frozen specs, not command lines.
-        encoder_on_cpu = choice.encoder_device == "cpu"
-        on_cpu = int(encoder_on_cpu) + (denoisers if config.device == "cpu" else 0)
-        cpu_threads, gpu_threads = shares(on_cpu, 0 if config.device == "cpu" else denoisers)
+        encoder_threads, denoiser_threads = run_threads(choice.encoder_device == "cpu", denoisers,
+                                                        config.device == "cpu")
         encoding = encode_spec(opts, prompts, choice, batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S,
                                curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout,
-                               threads=cpu_threads if encoder_on_cpu else gpu_threads)
+                               threads=encoder_threads)
         check_seeds(prompts, encoding.entries, config)
         serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source, metadata=kw["metadata"],
                                                    lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
-                                                   threads=cpu_threads if config.device == "cpu" else gpu_threads),
+                                                   threads=denoiser_threads),
                             endpoint=endpoint, credits=credits, job_delay_s=job_delay)
         outcome = supervise(
             [ChildSpec(f"denoiser-{n}", denoiser_main, specs.dumps(serving), opts.verbosity) for n in range(denoisers)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -27,10 +28,10 @@ def ray_options(func):
         click.option("--encoders", type=click.IntRange(1, 1024), default=1, show_default=True,
                      help="--engine ray: encoder actors (each loads the text encoders once)."),
         click.option("--encoder-cpus", type=click.FloatRange(0.25, 256), default=1.0, show_default=True,
-                     help="--engine ray: CPUs each encoder actor asks for (and its torch threads)."),
+                     help="--engine ray: CPUs each encoder actor asks for (its torch threads: this, rounded up)."),
         click.option("--denoiser-cpus", type=click.FloatRange(0.25, 256), default=1.0, show_default=True,
-                     help="--engine ray: CPUs each denoiser actor asks for (with --device cuda it also asks for "
-                          "one GPU)."),
+                     help="--engine ray: CPUs each denoiser actor asks for (its torch threads on a CPU: this, rounded "
+                          "up; with --device cuda it also asks for one GPU)."),
         click.option("--kill-denoiser-after", type=int, default=0, hidden=True,
                      help="Test hook: the first denoiser actor to write this many new images is SIGKILLed."),
     ])
@@ -67,7 +68,7 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -
     options = RayOptions(address=address, encoders=kw["encoders"], encoder_cpus=kw["encoder_cpus"],
                          denoisers=denoisers, denoiser_cpus=kw["denoiser_cpus"], denoiser_gpus=1 if on_gpu else 0)
     source = resolve(opts)
-    denoiser = denoiser_spec(opts, config, choice, source, threads=1 if on_gpu else max(1, int(options.denoiser_cpus)),
+    denoiser = denoiser_spec(opts, config, choice, source, threads=1 if on_gpu else math.ceil(options.denoiser_cpus),
                              metadata=kw["metadata"], lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
     settings = choice.settings(source, opts.cache_dir)
     plan = plan_jobs(prompt_file.entries, settings, choice.extras().resolver(opts.cache_dir), config,
@@ -83,7 +84,7 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -
     encoding = EncodeStageSpec(
         source=source, settings=settings, cache_dir=opts.cache_dir, extras=choice.extras(), probe="",
         config=EncodeConfig(device=check_device(choice.encoder_device, "--encoder-device"), dtype=choice.dtype,
-                            clip_skip=choice.clip_skip, threads=max(1, int(options.encoder_cpus))))
+                            clip_skip=choice.clip_skip, threads=math.ceil(options.encoder_cpus)))
     result = run_on_ray(plan, encoding, DenoiseStageSpec(denoiser=denoiser, probe="",
                                                           kill_after_images=kw["kill_denoiser_after"],
                                                           kill_marker=str(config.out_dir / ".sdxl-split-test-kill")),
