@@ -3,10 +3,11 @@
     pip install -e '.[ray]' && python benchmarks/ray_engine.py     # tiny model, 32 prompts (about 6 minutes)
 
 Every run is a fresh process (or set of processes) with its own empty cache, on this machine; each figure is the
-median of --pairs. Both engines give the encoder one core and the denoiser one (Ray: --encoder-cpus 1
---denoiser-cpus 1; run splits the cores the same way by itself). Ray's start-up (ray.init of a local Ray) is
-reported on its own line. Each engine's cost per image is its marginal one: (wall time for N prompts - wall time
-for N/4) / (N - N/4), which leaves out what a run pays once (interpreters, model loads, Ray's start and stop).
+median of --pairs. Both engines give the encoder one thread and the denoiser every core (`run` does so by
+itself; Ray gets --encoder-cpus 0.25 --denoiser-cpus 1.75, which round up to 1 and 2 threads within a local Ray's
+2 CPUs). Ray's start-up (ray.init of a local Ray) is reported on its own line. Each engine's cost per image is
+its marginal one: (wall time for N prompts - wall time for N/4) / (N - N/4), which leaves out what a run pays
+once (interpreters, model loads, Ray's start and stop).
 Models use random weights: timings and memory are real, images are noise.
 """
 
@@ -29,15 +30,15 @@ from split_overhead import RESULTS, Bench, prompts_file  # this script's folder
 STARTUP = re.compile(r"ray start-up: ([0-9.]+) s")
 
 
-def ray_run(bench: Bench, prompts: Path) -> tuple[float, float]:
+def ray_run(bench: Bench, prompts: Path, cpus: tuple[str, str]) -> tuple[float, float]:
     """(wall seconds, of which Ray's start-up) of one `run --engine ray` from an empty cache."""
     import subprocess
 
     out, cache = Path(tempfile.mkdtemp(dir=bench.root)), bench.fresh_cache()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "run", str(prompts), "--out",
-                           str(out), *bench.render_flags(), "--engine", "ray", "--encoder-cpus", "1",
-                           "--denoiser-cpus", "1"], capture_output=True, text=True,
+                           str(out), *bench.render_flags(), "--engine", "ray", "--encoder-cpus", cpus[0],
+                           "--denoiser-cpus", cpus[1]], capture_output=True, text=True,
                           env={**os.environ, "SDXL_SPLIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - started
     found = STARTUP.search(done.stdout)
@@ -56,10 +57,11 @@ def measure(args: argparse.Namespace) -> dict:
         seconds["monolith"].append(bench.monolith(prompts))
         seconds["zmq run"].append(bench.run(prompts, bench.fresh_cache()))
         seconds["zmq run (quarter)"].append(bench.run(quarter, bench.fresh_cache()))
-        wall, startup = ray_run(bench, prompts)
+        cpus = tuple(args.ray_cpus.split(","))
+        wall, startup = ray_run(bench, prompts, cpus)
         seconds["ray run"].append(wall)
         seconds["ray start-up"].append(startup)
-        seconds["ray run (quarter)"].append(ray_run(bench, quarter)[0])
+        seconds["ray run (quarter)"].append(ray_run(bench, quarter, cpus)[0])
     median = {name: statistics.median(values) for name, values in seconds.items()}
     extra = args.prompts - args.prompts // 4
     marginal = {engine: (median[f"{engine} run"] - median[f"{engine} run (quarter)"]) / extra
@@ -75,7 +77,8 @@ def markdown(payload: dict) -> str:
              f"- tiny model (random weights), {s['prompts']} prompts (quarter: {s['prompts'] // 4}), "
              f"{s['size']}x{s['size']}, {s['steps']} steps; medians of {s['pairs']} runs, each a fresh process "
              "with an empty cache",
-             f"- encoder 1 core, denoiser 1 core in both engines; ray {s['ray']}", "",
+             f"- `run`: encoder 1 thread, denoiser 2; Ray: --encoder-cpus,--denoiser-cpus {s['ray_cpus']} (threads: "
+             f"each rounded up); ray {s['ray']}", "",
              "| what | median s | runs (s) |", "| --- | ---: | --- |"]
     for name, values in payload["seconds"].items():
         lines.append(f"| {name} | {payload['median_s'][name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
@@ -93,6 +96,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--ray-cpus", default="0.25,1.75",
+                        help="--encoder-cpus,--denoiser-cpus for the Ray runs (1,1: one thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     import ray
@@ -100,9 +105,9 @@ def main() -> int:
     payload = measure(args)
     payload["setup"] = {"date": dt.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count(), "prompts": args.prompts, "size": args.size, "steps": args.steps,
-                        "pairs": args.pairs, "ray": ray.__version__}
+                        "pairs": args.pairs, "ray": ray.__version__, "ray_cpus": args.ray_cpus}
     text = markdown(payload)
-    stem = f"ray-engine-{payload['setup']['date']}"
+    stem = f"ray-engine-{payload['setup']['date']}-cpus-{args.ray_cpus.replace(',', '-')}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(text)
