@@ -52,6 +52,9 @@ class LoraBank:
         if names:
             self.pipe.set_adapters(names, adapter_weights=[use.scale for use in uses])
             self.pipe.fuse_lora(components=["unet"], adapter_names=names)
+            # The merged weights stay; the PEFT wrappers, which still cost a branch per layer, go.
+            self.pipe.unload_lora_weights()
+            self._loaded.clear()
         self.fused, self.fused_uses = self._key(uses), uses
 
     def _adapter(self, use: LoraUse, keep: set) -> str:
