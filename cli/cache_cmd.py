@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from sdxl_split.cli.common import print_json
-from sdxl_split.shared.embedding_cache import EmbeddingCache, ListedEntry
 from sdxl_split.shared.settings import GlobalOptions
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -61,7 +60,7 @@ def _quoted(text: str, limit: int = 80) -> str:
     return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
 
 
-def _ls_line(entry: ListedEntry, now: float) -> str:
+def _ls_line(entry, now: float) -> str:
     head = f"{entry.key[:12]:<12}"
     tail = f"{format_size(entry.size):>10}  {format_age(now - entry.mtime):>4}"
     if entry.problem:
@@ -90,6 +89,8 @@ def ls(opts: GlobalOptions, as_json: bool) -> None:
     Reads only each file's header; files whose header is unreadable are listed as BAD (run
     `cache verify` for a full check of every tensor).
     """
+    from sdxl_split.shared.embedding_cache import EmbeddingCache  # imports torch: only when the cache is used
+
     store = EmbeddingCache(opts.embeddings_dir)
     entries = store.listing()
     if as_json:
@@ -120,6 +121,8 @@ def verify(ctx: click.Context, delete_bad: bool) -> None:
         from sdxl_split.shared.models.resolve import text_widths
 
         widths = text_widths(resolve(opts))
+    from sdxl_split.shared.embedding_cache import EmbeddingCache  # imports torch: only when the cache is used
+
     store = EmbeddingCache(opts.embeddings_dir)
     report = store.verify(delete_bad=delete_bad, widths=widths)
     for _, problem in report.bad:
@@ -138,6 +141,8 @@ def verify(ctx: click.Context, delete_bad: bool) -> None:
 @click.pass_obj
 def gc(opts: GlobalOptions, older_than: float, dry_run: bool) -> None:
     """Remove entries older than a duration (by modification time)."""
+    from sdxl_split.shared.embedding_cache import EmbeddingCache  # imports torch: only when the cache is used
+
     store = EmbeddingCache(opts.embeddings_dir)
     files, size = store.collect(older_than, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"

@@ -8,9 +8,8 @@ import click
 
 from sdxl_split.cli.common import check_device
 from sdxl_split.shared.errors import UserError
-from sdxl_split.shared.models.architectures import ARCHITECTURES
+from sdxl_split.shared.models.architectures import ARCHITECTURES, LORA_PARTS
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint, resolve_model
-from sdxl_split.shared.models.test_assets import LORA_PARTS
 from sdxl_split.shared.quiet import quiet_libraries
 from sdxl_split.shared.settings import GlobalOptions
 

@@ -178,6 +178,9 @@ TINY_TEXT_ENCODER_2: dict[str, Any] = {
 }
 
 
+# Which halves a built-in test LoRA covers (`model init tiny-lora --only`).
+LORA_PARTS = ("both", "unet", "text")
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything needed to instantiate one SDXL-shaped model from scratch."""

@@ -16,6 +16,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdxl_split.shared.models.architectures import MARKER_FILE, TINY_VAE_SUBFOLDER, Architecture
 from sdxl_split.shared.models.clip_tokenizers import write_sdxl_tokenizers
+from sdxl_split.shared.quiet import quiet_loaded
+
+# Imported diffusers/transformers just now: their loading bars go off if the command asked (shared.quiet).
+quiet_loaded()
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",

@@ -9,6 +9,11 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from sdxl_split.shared.quiet import quiet_loaded
+
+# Imported diffusers/transformers just now: their loading bars go off if the command asked (shared.quiet).
+quiet_loaded()
+
 # CLIP's vocabulary is the 256 byte symbols, the same with an end-of-word mark, then the merges,
 # then the two special tokens; 49408 entries in all (see openai/CLIP simple_tokenizer.py).
 _N_MERGES = 49152 - 256 - 2

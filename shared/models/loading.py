@@ -10,6 +10,10 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 
 from sdxl_split.shared.errors import UserError, first_line
 from sdxl_split.shared.models.resolve import ModelSource
+from sdxl_split.shared.quiet import quiet_loaded
+
+# Imported diffusers/transformers just now: their loading bars go off if the command asked (shared.quiet).
+quiet_loaded()
 
 TEXT_ONLY = {"unet": None, "vae": None, "scheduler": None}
 DENOISE_ONLY = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}

@@ -11,7 +11,6 @@ from safetensors.torch import save
 from sdxl_split.shared.atomic import atomic_write_bytes
 from sdxl_split.shared.models.architectures import TINY
 
-LORA_PARTS = ("both", "unet", "text")
 _UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
