@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from cli_process import run_cli_process
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -55,13 +57,18 @@ def cli_env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, cache: Path, cwd: Path | None = None, timeout: float = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `sdxl-split` in a fresh process, as a user would."""
+            env: dict | None = None, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Run `sdxl-split` in a new process, as a user would: forked from a server that has imported torch and
+    diffusers already (cli_process), or with FRESH_INTERPRETER exactly as `python -m sdxl_split.cli`."""
     full_env = {**cli_env(cache), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "sdxl_split.cli", *args], capture_output=True, text=True, timeout=timeout,
-        env=full_env, cwd=cwd,
-    )
+    if fresh_interpreter:
+        return subprocess.run([sys.executable, "-m", "sdxl_split.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env=full_env, cwd=cwd)
+    workdir = Path(tempfile.mkdtemp(prefix="sxs-cli-"))
+    try:
+        return run_cli_process(list(args), full_env, workdir, cwd=cwd, timeout=timeout)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 _IN_PROCESS = threading.Lock()

@@ -14,10 +14,13 @@ REQUIREMENT_CHECK = r"""
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
 from packaging.requirements import Requirement
+import torch
+# The gpu extra (NVML for the memory columns) only matters where there is a GPU: a CPU dry run goes without it.
+extra = "gpu" if torch.cuda.is_available() else ""
 missing = []
 for text in requires("sdxl-split") or []:
     req = Requirement(text)
-    if req.marker is not None and not req.marker.evaluate({"extra": "gpu"}):
+    if req.marker is not None and not req.marker.evaluate({"extra": extra}):
         continue
     try:
         have = version(req.name)
@@ -28,7 +31,6 @@ for text in requires("sdxl-split") or []:
     print(f"{req.name:20} {have:16} {'ok' if ok else 'WANTED ' + str(req.specifier)}")
     if not ok:
         missing.append(f"{req.name} {have} (wanted {req.specifier})")
-import torch
 print(f"torch sees CUDA: {torch.cuda.is_available()}; device: "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
 if missing:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from cli_process import CliProcess
 from conftest import cli_env, short_ipc_endpoint
 
 RENDER = ["--size", "64x64", "--steps", "4"]
@@ -28,24 +27,27 @@ class Link:
         self.endpoint = short_ipc_endpoint()
         self.env = cli_env(cache, SDXL_SPLIT_BIND=self.endpoint, SDXL_SPLIT_CONNECT=self.endpoint)
         self.tmp = tmp_path
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[CliProcess] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", *args],
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+    def start(self, *args: str, name: str) -> CliProcess:
+        proc = CliProcess(["--model", "tiny", *args], self.env, self.tmp / f"{name}.log")
         self.procs.append(proc)
         return proc
 
-    def encoder(self, prompts: Path, *extra: str, name: str = "encoder") -> subprocess.Popen:
+    def encoder(self, prompts: Path, *extra: str, name: str = "encoder") -> CliProcess:
         return self.start("encode", str(prompts), "--wait", "60", "--json", *extra, name=name)
 
-    def denoiser(self, out: Path, *extra: str, name: str = "denoiser") -> subprocess.Popen:
+    def denoiser(self, out: Path, *extra: str, name: str = "denoiser") -> CliProcess:
         return self.start("render", "--out", str(out), *RENDER, *extra, name=name)
 
     def bound(self) -> bool:
         """Whether the encoder has bound its ipc:// endpoint (the socket file exists from then on)."""
         return Path(self.endpoint.removeprefix("ipc://")).exists()
+
+    def wait_ready(self, *names: str) -> None:
+        """Until each named denoiser has loaded its model and is taking jobs."""
+        for name in names:
+            wait_for(lambda name=name: "denoiser ready" in self.log(name))
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
@@ -65,7 +67,7 @@ def manifest(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
-def encoder_summary(link: Link, proc: subprocess.Popen, name: str = "encoder") -> dict:
+def encoder_summary(link: Link, proc: CliProcess, name: str = "encoder") -> dict:
     assert proc.wait(timeout=300) == 0, link.log(name)
     text = link.log(name)
     return json.loads(text[text.index("{\n"):])

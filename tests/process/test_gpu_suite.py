@@ -34,4 +34,4 @@ def test_dry_run_writes_the_summary_log_tests_and_bench_files(tmp_path: Path, se
     assert "skipped: needs a CUDA GPU" in summary and "failure" not in summary
     payload = json.loads((out / f"{stem}.json").read_text())
     assert {row["row"]: row["status"] for row in payload["rows"]} == {
-        "encoder": "ok", "fp16-sdpa": "ok", "tiny-vae-slicing": "ok"}
+        "encoder": "ok", "fp16-sdpa": "ok"}

@@ -4,7 +4,6 @@ Waiting is on events (a file appearing, a process exiting, a line in a log), nev
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_process import forkserver
 from conftest import cli_env
 from process_kit import Link, assert_each_image_once, encoder_summary, journal_records, prompts_file, wait_for
 
@@ -28,8 +28,7 @@ def _resolve_tiny(cache: str) -> None:
 
 
 def test_processes_racing_to_build_the_builtin_model_all_get_it(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    racers = [ctx.Process(target=_resolve_tiny, args=(str(tmp_path),)) for _ in range(3)]
+    racers = [forkserver().Process(target=_resolve_tiny, args=(str(tmp_path),)) for _ in range(3)]
     for racer in racers:
         racer.start()
     for racer in racers:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import zmq
+from cli_process import CliProcess
 from conftest import cli_env, short_ipc_endpoint
 from process_kit import (
     RENDER,
@@ -38,11 +37,12 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     if first == "denoiser":
         denoiser = link.denoiser(out)
-        time.sleep(1.0)
+        link.wait_ready("denoiser")
         encoder = link.encoder(prompts, "--throttle", "0.4")
     else:
-        encoder = link.encoder(prompts, "--throttle", "0.4")
-        time.sleep(1.0)
+        # The denoiser starts after the first prompt is queued and must load while the other eleven encode.
+        encoder = link.encoder(prompts, "--throttle", "0.8")
+        wait_for(lambda: any(r["event"] == "queued" for r in journal_records(cache_dir)))
         denoiser = link.denoiser(out)
     summary = encoder_summary(link, encoder)
     assert denoiser.wait(timeout=120) == 0, link.log("denoiser")
@@ -58,7 +58,7 @@ def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     fast = link.denoiser(out, "--credits", "1", name="fast")
     slow = link.denoiser(out, "--credits", "1", "--job-delay", "1.5", name="slow")
-    time.sleep(1.0)
+    link.wait_ready("fast", "slow")
     summary = encoder_summary(link, link.encoder(prompts))
     assert fast.wait(timeout=120) == 0 and slow.wait(timeout=120) == 0
     assert summary["done"] == 12
@@ -74,11 +74,11 @@ def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_
 def test_kill_9_denoiser_with_jobs_in_flight_loses_nothing(link: Link, cache_dir: Path, tmp_path: Path) -> None:
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     victim = link.denoiser(out, "--credits", "2", "--job-delay", "3", name="victim")
-    time.sleep(1.5)
+    link.wait_ready("victim")
     encoder = link.encoder(prompts)
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)))
     survivor = link.denoiser(out, "--credits", "2", name="survivor")
-    time.sleep(0.5)
+    link.wait_ready("survivor")
     victim.send_signal(signal.SIGKILL)
     summary = encoder_summary(link, encoder)
     assert survivor.wait(timeout=120) == 0
@@ -93,7 +93,7 @@ def test_kill_9_denoiser_with_jobs_in_flight_loses_nothing(link: Link, cache_dir
 def test_killed_encoder_restarts_and_renders_only_the_missing(link: Link, cache_dir: Path, tmp_path: Path) -> None:
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     denoiser = link.denoiser(out, "--serve", "--credits", "1")
-    time.sleep(1.0)
+    link.wait_ready("denoiser")
     first = link.encoder(prompts, "--throttle", "0.5", name="first")
     wait_for(lambda: len(list(out.glob("*.png"))) >= 3)
     first.send_signal(signal.SIGKILL)
@@ -128,7 +128,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
                      "seconds": 0}).encode()],
     ):
         rogue.send_multipart(frames)
-    time.sleep(1.0)
+    wait_for(lambda: link.log("encoder").count("dropped a bad message") >= 4)
     # Over MAXMSGSIZE: zmq drops the whole connection, so it goes last, from its own socket.
     oversized = ctx.socket(zmq.DEALER)
     oversized.setsockopt(zmq.LINGER, 0)
@@ -136,7 +136,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
     from sdxl_split.shared import protocol as p
 
     oversized.send_multipart([json.dumps(header).encode(), os.urandom(p.DEFAULT_MAX_PAYLOAD + p.MAX_HEADER_BYTES + 1)])
-    time.sleep(0.5)
+    wait_for(lambda: "closed without a BYE" in link.log("encoder"))
     oversized.close()
     rogue.close()
     ctx.term()
@@ -164,8 +164,7 @@ def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tm
     router.bind(endpoint)
     env = cli_env(cache_dir, SDXL_SPLIT_CONNECT=endpoint)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "render", "--out", str(out),
-                             *RENDER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = CliProcess(["--model", "tiny", "render", "--out", str(out), *RENDER], env, tmp_path / "denoiser.log")
     try:
         assert router.poll(120_000)
         identity = None
@@ -198,8 +197,8 @@ def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tm
         assert "JOB refused" in replies[0].reason and "same shapes" in replies[0].reason
         assert isinstance(replies[-1], p.Done) and len(replies[-1].images) == 1
         router.send_multipart([identity, *p.encode(p.Bye("test over"))])
-        output, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, output
+        assert proc.wait(timeout=60) == 0, proc.output()[0]
+        output = proc.output()[0]
         assert "dropped a bad message from the encoder" in output
     finally:
         if proc.poll() is None:
@@ -213,7 +212,7 @@ def test_stream_pngs_equal_render_prompts_pngs(link: Link, cache_dir: Path, tmp_
     prompts = prompts_file(tmp_path, 3)
     streamed, from_cache = tmp_path / "streamed", tmp_path / "cached"
     link.denoiser(streamed)
-    time.sleep(1.0)
+    link.wait_ready("denoiser")
     encoder_summary(link, link.encoder(prompts))
     link.procs[0].wait(timeout=60)
     offline = link.start("render", "--prompts", str(prompts), "--out", str(from_cache), *RENDER, name="offline")

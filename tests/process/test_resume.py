@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import CliProcess
 from conftest import cli_env, run_cli
 from PIL import Image
 
@@ -30,10 +29,9 @@ def test_killed_render_resumes_with_only_the_missing_images(cache_dir: Path, tmp
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "out"
     assert run_cli("--model", "tiny", "encode", str(prompts), cache=cache_dir).returncode == 0
-    args = [sys.executable, "-m", "sdxl_split.cli", "--model", "tiny", "render", "--prompts", str(prompts),
-            "--out", str(out), "--size", "64x64", "--steps", "30"]
-    proc = subprocess.Popen(args, env=cli_env(cache_dir),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), "--size", "64x64",
+            "--steps", "30"]
+    proc = CliProcess(args, cli_env(cache_dir), tmp_path / "render.log")
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.png"))) < 2:
         time.sleep(0.05)
