@@ -2,6 +2,7 @@
 
     python benchmarks/split_overhead.py                 # tiny model: the ratios (about 5 minutes on 2 cores)
     python benchmarks/split_overhead.py --encoder-full  # full-size random weights: encoder prompts/s and batch error
+    python benchmarks/split_overhead.py --syntax-full   # full-size random weights: plain against a1111 on long prompts
 
 Ratios mode runs, on this machine, in one invocation, each figure the median of --pairs paired runs, every run a
 fresh process (or set of processes) with its own empty cache unless it says "cached":
@@ -201,12 +202,18 @@ def main() -> int:
     parser.add_argument("--encoder-full", action="store_true",
                         help="Instead: full-size encoder prompts/s for batch 1 and 8, threads 1 and 2, and the "
                              "batch-8 error against batch 1.")
+    parser.add_argument("--syntax-full", action="store_true",
+                        help="Instead: full-size encoder prompts/s on long prompts, plain against a1111 and comfy.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.encoder_full:
         from encoder_full import encoder_full  # this script's folder
 
         payload, text, stem = encoder_full(args)
+    elif args.syntax_full:
+        from prompt_syntax_full import syntax_full  # this script's folder
+
+        payload, text, stem = syntax_full(args)
     else:
         import platform
 

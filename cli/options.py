@@ -1,4 +1,5 @@
-"""The option groups `encode`, `render`, `run` and `bench` share, and the frozen configs built from them."""
+"""The option groups `encode`, `render`, `run` and `bench` share, and the encoding config built from them; the
+denoiser's own options are in render_options."""
 
 from __future__ import annotations
 
@@ -8,17 +9,7 @@ from pathlib import Path
 
 import click
 
-from sdxl_split.cli.common import DTYPE_CHOICES, check_device, default_dtype
-from sdxl_split.denoiser_service.config import (
-    ATTENTION,
-    COMPILE_MODES,
-    OFFLOAD,
-    SCHEDULERS,
-    VAE_KINDS,
-    RenderConfig,
-    parse_size,
-    validate,
-)
+from sdxl_split.cli.common import DTYPE_CHOICES, default_dtype
 from sdxl_split.shared.prompts import SYNTAXES
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -142,84 +133,6 @@ def credits_option():
     return click.option("--credits", type=click.IntRange(1, 64), default=2, show_default=True,
                         help="Jobs a denoiser holds at once; 2 keeps the next job's embeddings local while one "
                              "renders.")
-
-
-def lora_serving_options(func):
-    """How a denoiser holds the UNet halves of LoRAs."""
-    return apply_options(func, [
-        click.option("--lora-cache", type=click.IntRange(1, 256), default=8, show_default=True,
-                     help="LoRA adapters kept loaded at once; the least recently used is dropped past this."),
-        click.option("--fuse-lora", is_flag=True,
-                     help="Fuse the --lora set into the UNet's weights (faster per step); jobs that need any "
-                          "other set are refused, to go to another denoiser."),
-    ])
-
-
-def render_options(func):
-    """The denoiser's knobs; `run` and `bench` take the same ones."""
-    return apply_options(func, [
-        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("images"),
-                     show_default=True, help="Output folder for PNGs and manifest.jsonl."),
-        click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present, else cpu]."),
-        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
-                     help="UNet/VAE dtype [default: fp16 on GPU, fp32 on CPU]."),
-        click.option("--attention", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
-                     help="sdpa = PyTorch scaled_dot_product_attention; default = the classic AttnProcessor."),
-        click.option("--compile", "compile_unet", is_flag=True,
-                     help="torch.compile the UNet (fullgraph). The first image compiles; a new size or batch "
-                          "recompiles."),
-        click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True,
-                     help="torch.compile mode for --compile and --compile-vae; max-autotune searches GEMM kernels "
-                          "for minutes on the first image, reduce-overhead adds CUDA graphs."),
-        click.option("--compile-vae", is_flag=True, help="torch.compile the VAE decoder too."),
-        click.option("--channels-last", is_flag=True,
-                     help="NHWC memory layout for the UNet and VAE (faster convolutions on tensor-core GPUs)."),
-        click.option("--fuse-qkv", is_flag=True,
-                     help="Fuse each attention's q/k/v projections into one matmul (needs --attention sdpa)."),
-        click.option("--vae", type=click.Choice(VAE_KINDS), default="full", show_default=True,
-                     help="full = the model's AutoencoderKL; tiny = AutoencoderTiny (taesdxl), fast previews."),
-        click.option("--vae-model", default=None,
-                     help="Tiny VAE for --vae tiny [default: the model's vae_tiny/, else madebyollin/taesdxl]."),
-        click.option("--vae-slicing", is_flag=True, help="Decode the batch one image at a time."),
-        click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
-        click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),
-        click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
-                     help="CPU offload: model (whole models), sequential (every layer), group (every layer, the "
-                          "next one uploading on a side stream while this one computes)."),
-        click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
-                     help="Denoising steps per image."),
-        click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale."),
-        click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
-        click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True,
-                     help="Images per prompt (a JSONL 'count' overrides it)."),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-                     help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it)."),
-        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),
-        click.option("--metadata", type=click.Choice(["a1111", "full"]), default="a1111", show_default=True,
-                     help="a1111: PNGs name the model as A1111 does (hub id, checkpoint stem or folder name, with "
-                          "its AutoV2 hash); full: also the --model value itself, local paths included."),
-    ])
-
-
-def render_config_from(kw: dict, remote: bool = False) -> RenderConfig:
-    """The frozen RenderConfig from render_options' values, refused before anything loads if it cannot work.
-    `remote`: the denoisers run on other machines (Ray), so this one's lack of a GPU says nothing."""
-    import torch
-
-    device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    width, height = parse_size(kw["size"])
-    config = RenderConfig(
-        out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
-        compile=kw["compile_unet"], compile_mode=kw["compile_mode"], compile_vae=kw["compile_vae"],
-        channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
-        vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
-        offload=kw["offload"], steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
-        images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
-    )
-    validate(config, remote or torch.cuda.is_available())
-    if not config.device.startswith("cuda"):
-        check_device(config.device)
-    return config
 
 
 def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, encoding: Encoding) -> str:

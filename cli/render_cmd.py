@@ -15,11 +15,9 @@ from sdxl_split.cli.options import (
     command_for,
     credits_option,
     encoding_options,
-    lora_serving_options,
-    render_config_from,
-    render_options,
     threads_option,
 )
+from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 

@@ -11,17 +11,9 @@ import click
 
 from sdxl_split.cli.common import notice
 from sdxl_split.cli.encode_cmd import encode_spec
-from sdxl_split.cli.options import (
-    Encoding,
-    credits_option,
-    encoding_options,
-    job_timeout_option,
-    lora_serving_options,
-    max_attempts_option,
-    render_config_from,
-    render_options,
-)
+from sdxl_split.cli.options import Encoding, credits_option, encoding_options, job_timeout_option, max_attempts_option
 from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
+from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
 from sdxl_split.cli.run_ray import RAY_ONLY, check_engine_options, ray_options, run_with_ray
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from sdxl_split.cli.common import check_device, notice, read_prompts, resolve
-from sdxl_split.cli.options import Encoding, apply_options, render_config_from
+from sdxl_split.cli.options import Encoding, apply_options
+from sdxl_split.cli.render_options import render_config_from
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
