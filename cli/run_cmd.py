@@ -83,6 +83,8 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
                                                    lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
                                                    threads=denoiser_threads),
                             endpoint=endpoint, credits=credits, job_delay_s=job_delay)
+        if _all_rendered(encoding, serving, config, choice, opts):
+            return
         outcome = supervise(
             [ChildSpec(f"denoiser-{n}", denoiser_main, specs.dumps(serving), opts.verbosity) for n in range(denoisers)],
             ChildSpec("encoder", encoder_main, specs.dumps(encoding), opts.verbosity), notice=notice)
@@ -100,6 +102,19 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     click.echo(f"images in {config.out_dir}")
     if outcome.interrupted or some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptions) -> bool:
+    """A re-run whose images are all in --out, intact, starts no process: their names come from the prompts."""
+    from sdxl_split.denoiser_service.work_plan import plan_jobs
+
+    plan = plan_jobs(encoding.entries, encoding.settings, choice.extras().resolver(opts.cache_dir), config,
+                     serving.denoiser.identity)
+    if plan.todo:
+        return False
+    click.echo(f"jobs: 0 rendered, {len(encoding.entries) - plan.repeated_lines} already done; nothing to start")
+    click.echo(f"images in {config.out_dir}")
+    return True
 
 
 def _gib(value: float | None) -> str:

@@ -54,9 +54,9 @@ def check_engine_options(ctx: click.Context, engine: str, denoisers: int) -> Non
 
 def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -> None:
     from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
+    from sdxl_split.denoiser_service.work_plan import plan_jobs
     from sdxl_split.encoder_service.config import EncodeConfig
     from sdxl_split.ray_engine.driver import RayOptions, import_ray, run_on_ray
-    from sdxl_split.ray_engine.plan import plan_jobs
     from sdxl_split.ray_engine.stages import DenoiseStageSpec, EncodeStageSpec
 
     choice = Encoding.pop_from(kw)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdxl_split.ray_engine.plan import Plan
+from sdxl_split.denoiser_service.work_plan import Plan
 from sdxl_split.ray_engine.stages import DenoiseStage, DenoiseStageSpec, EncodeStage, EncodeStageSpec
 from sdxl_split.shared import specs
 from sdxl_split.shared.errors import UserError

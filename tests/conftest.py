@@ -117,3 +117,12 @@ def cli(cache_dir: Path):
         return invoke_cli(*args, cache=cache_dir, **kw)
 
     return invoke
+
+
+_LAYER_ORDER = {"process": 0, "component": 1, "gpu": 2, "unit": 3}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slowest layer first: the two xdist workers take whole modules in this order (--no-loadscope-reorder), so
+    the long process modules start at once instead of being left for the end, when one worker would run alone."""
+    items.sort(key=lambda item: _LAYER_ORDER.get(item.path.parent.name, 1))

@@ -1,4 +1,4 @@
-"""What a Ray run has left to do, decided on the driver before Ray starts: one job per distinct piece of work,
+"""What a run has left to do, decided before any process or Ray starts: one job per distinct piece of work,
 less the jobs whose images are all in --out with the bytes the manifest recorded for them."""
 
 from __future__ import annotations
