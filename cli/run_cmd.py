@@ -110,6 +110,8 @@ def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptio
 
     plan = plan_jobs(encoding.entries, encoding.settings, choice.extras().resolver(opts.cache_dir), config,
                      serving.denoiser.identity)
+    for warning in plan.warnings():
+        notice(warning)
     if plan.todo:
         return False
     click.echo(f"jobs: 0 rendered, {len(encoding.entries) - plan.repeated_lines} already done; nothing to start")

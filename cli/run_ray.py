@@ -74,9 +74,8 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -
     settings = choice.settings(source, opts.cache_dir)
     plan = plan_jobs(prompt_file.entries, settings, choice.extras().resolver(opts.cache_dir), config,
                      denoiser.identity)
-    for path in plan.set_aside:
-        notice(f"warning: {path.name[:-len('.corrupt')]} no longer has the bytes the manifest lists; renamed to "
-               f"{path.name} and rendered again")
+    for warning in plan.warnings():
+        notice(warning)
     notice(f"{plan.done_images} images already in {config.out_dir}; {plan.todo_images} to render "
            f"({len(plan.todo)} jobs)")
     if not plan.todo:

@@ -37,6 +37,10 @@ class Plan:
     def todo_images(self) -> int:
         return sum(len(job.files) for job in self.todo)
 
+    def warnings(self) -> list[str]:
+        return [f"warning: {path.name[:-len('.corrupt')]} no longer has the bytes the manifest lists; renamed to "
+                f"{path.name} and rendered again" for path in self.set_aside]
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
