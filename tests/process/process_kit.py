@@ -38,7 +38,9 @@ class Link:
         return self.start("encode", str(prompts), "--wait", "60", "--json", *extra, name=name)
 
     def denoiser(self, out: Path, *extra: str, name: str = "denoiser") -> CliProcess:
-        return self.start("render", "--out", str(out), *RENDER, *extra, name=name)
+        # One thread: a two-thread torch process on a loaded 2-core box spins its OpenMP threads waiting for a
+        # core, and a 0.1 s job can take minutes.
+        return self.start("render", "--out", str(out), *RENDER, "--threads", "1", *extra, name=name)
 
     def bound(self) -> bool:
         """Whether the encoder has bound its ipc:// endpoint (the socket file exists from then on)."""

@@ -113,12 +113,12 @@ def link(cache_dir: Path, tmp_path: Path):
 
 def test_a_hung_render_is_requeued_to_another_denoiser(link: Link, cache_dir: Path, tmp_path: Path) -> None:
     prompts, out = prompts_file(tmp_path, 6), tmp_path / "out"
-    # One thread each and a deadline far above a tiny job's time (0.1 s): on a loaded 2-core box an 8 s deadline
-    # also dropped the healthy denoiser, whose two threads waited on each other for cores.
-    hung = link.denoiser(out, "--credits", "1", "--threads", "1", "--hang-on-job", "1", name="hung")
+    # A deadline far above a tiny job's time (0.1 s): on a loaded 2-core box an 8 s deadline also dropped the
+    # healthy denoiser.
+    hung = link.denoiser(out, "--credits", "1", "--hang-on-job", "1", name="hung")
     encoder = link.encoder(prompts, "--job-timeout", "20")
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)), timeout=180)
-    healthy = link.denoiser(out, "--credits", "1", "--threads", "1", name="healthy")
+    healthy = link.denoiser(out, "--credits", "1", name="healthy")
     summary = encoder_summary(link, encoder)
     assert healthy.wait(timeout=120) == 0
     assert summary["done"] == 6 and summary["dead_lettered"] == 0

@@ -215,7 +215,8 @@ def test_stream_pngs_equal_render_prompts_pngs(link: Link, cache_dir: Path, tmp_
     link.wait_ready("denoiser")
     encoder_summary(link, link.encoder(prompts))
     link.procs[0].wait(timeout=60)
-    offline = link.start("render", "--prompts", str(prompts), "--out", str(from_cache), *RENDER, name="offline")
+    offline = link.start("render", "--prompts", str(prompts), "--out", str(from_cache), *RENDER, "--threads", "1",
+                         name="offline")
     assert offline.wait(timeout=120) == 0, link.log("offline")
     files = sorted(p.name for p in streamed.glob("*.png"))
     assert files == sorted(p.name for p in from_cache.glob("*.png")) and len(files) == 3
