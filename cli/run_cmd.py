@@ -105,16 +105,20 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
 
 
 def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptions) -> bool:
-    """A re-run whose images are all in --out, intact, starts no process: their names come from the prompts."""
-    from sdxl_split.denoiser_service.work_plan import plan_jobs
+    """A re-run whose images are all in --out, intact, starts no process: their names come from the prompts.
+    Their bytes are hashed only when every one exists; otherwise the encoder's journal check does that once."""
+    from sdxl_split.denoiser_service.work_plan import check_jobs, distinct_jobs
 
-    plan = plan_jobs(encoding.entries, encoding.settings, choice.extras().resolver(opts.cache_dir), config,
-                     serving.denoiser.identity)
+    jobs, repeated = distinct_jobs(encoding.entries, encoding.settings, choice.extras().resolver(opts.cache_dir),
+                                   config, serving.denoiser.identity)
+    if not all((config.out_dir / name).is_file() for job in jobs for name in job.files):
+        return False
+    plan = check_jobs(jobs, repeated, config)
     for warning in plan.warnings():
         notice(warning)
     if plan.todo:
         return False
-    click.echo(f"jobs: 0 rendered, {len(encoding.entries) - plan.repeated_lines} already done; nothing to start")
+    click.echo(f"jobs: 0 rendered, {len(jobs)} already done; nothing to start")
     click.echo(f"images in {config.out_dir}")
     return True
 

@@ -64,26 +64,38 @@ def _intact(out: OutputDir, name: str, recorded: dict[str, str], plan: Plan) -> 
     return False
 
 
-def plan_jobs(entries: tuple[PromptEntry, ...], settings: EncodingSettings, extras: ExtrasResolver,
-              config: RenderConfig, model: ModelIdentity) -> Plan:
-    """Check each line's images by name and hash; what is missing becomes a job. Names derive from the
-    embedding key, which is a hash of the prompt and settings, so nothing needs encoding to know them."""
-    out = OutputDir(config.out_dir)
-    recorded = out.recorded_digests()
-    plan = Plan()
+def distinct_jobs(entries: tuple[PromptEntry, ...], settings: EncodingSettings, extras: ExtrasResolver,
+                  config: RenderConfig, model: ModelIdentity) -> tuple[list[PlannedJob], int]:
+    """One job per distinct piece of work, with its image names, and how many lines repeated an earlier one.
+    Names derive from the embedding key, a hash of the prompt and settings, so nothing needs encoding."""
+    jobs: list[PlannedJob] = []
     seen: set[str] = set()
     for entry in entries:
         resolved = extras.resolve(entry)
         key = entry_key(entry, settings, resolved)
         wid = work_id(key, entry.seed, entry.count, resolved.unet_loras)
-        if wid in seen:
-            plan.repeated_lines += 1
-            continue
-        seen.add(wid)
-        _, _, _, files = job_files(key, entry, config, model, resolved.unet_loras)
-        intact = [name for name in files if _intact(out, name, recorded, plan)]
-        if len(intact) == len(files):
-            plan.done_images += len(files)
+        if wid not in seen:
+            seen.add(wid)
+            jobs.append(PlannedJob(work_id=wid, entry=entry,
+                                   files=job_files(key, entry, config, model, resolved.unet_loras)[3]))
+    return jobs, len(entries) - len(jobs)
+
+
+def check_jobs(jobs: list[PlannedJob], repeated_lines: int, config: RenderConfig) -> Plan:
+    """Each job's images by name and manifest hash; a job missing any becomes work to do."""
+    out = OutputDir(config.out_dir)
+    recorded = out.recorded_digests()
+    plan = Plan(repeated_lines=repeated_lines)
+    for job in jobs:
+        intact = [name for name in job.files if _intact(out, name, recorded, plan)]
+        if len(intact) == len(job.files):
+            plan.done_images += len(job.files)
         else:
-            plan.todo.append(PlannedJob(work_id=wid, entry=entry, files=files))
+            plan.todo.append(job)
     return plan
+
+
+def plan_jobs(entries: tuple[PromptEntry, ...], settings: EncodingSettings, extras: ExtrasResolver,
+              config: RenderConfig, model: ModelIdentity) -> Plan:
+    """What is left to do: the distinct jobs, less those whose images are all in --out, intact."""
+    return check_jobs(*distinct_jobs(entries, settings, extras, config, model), config)
