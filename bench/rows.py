@@ -40,7 +40,7 @@ ROWS: tuple[Row, ...] = (
         "default + model CPU offload"),
     Row("sequential-offload", "baseline + sequential CPU offload", "denoiser", {**BASELINE, "offload": "sequential"},
         "default + sequential CPU offload"),
-    Row("group-offload", "baseline + group offload (leaf level, streamed)", "denoiser",
+    Row("group-offload", "baseline + group offload (leaf level, streamed, record_stream)", "denoiser",
         {**BASELINE, "offload": "group"}),
     Row("group-offload-tiny", "baseline + group offload + tiny VAE + slicing", "denoiser",
         {**BASELINE, "offload": "group", "vae": "tiny", "vae_slicing": True}),
@@ -53,6 +53,9 @@ ROWS: tuple[Row, ...] = (
         "default + Tiny Autoencoder"),
     Row("tiny-vae-slicing", "baseline + tiny VAE + slicing", "denoiser",
         {**BASELINE, "vae": "tiny", "vae_slicing": True}),
+    # The same, with guidance's two halves through the UNet one after the other: half its activations.
+    Row("tiny-vae-slicing-unet-batch", "baseline + tiny VAE + slicing + UNet in guidance halves (--unet-batch 4)",
+        "denoiser", {**BASELINE, "vae": "tiny", "vae_slicing": True, "unet_batch": 4}),
     Row("bf16-sdpa", "bf16 + SDPA", "denoiser", {"dtype": "bf16", "attention": "sdpa"}),
     Row("fast", "bf16 + SDPA + fused QKV + channels_last", "denoiser", FAST),
     Row("fast-compile", "fast + torch.compile UNet and VAE decoder", "denoiser", FAST_COMPILED),

@@ -50,6 +50,8 @@ class RenderConfig:
     vae_tiling: bool = False
     vae_tile_size: int = 512
     offload: str = "none"
+    # Most rows per UNet call (guidance doubles the batch); None: the whole batch in one call.
+    unet_batch: int | None = None
     steps: int = 25
     guidance: float = 5.0
     width: int = 1024
@@ -69,6 +71,8 @@ class RenderConfig:
             "compile": self.compile_mode if self.compile else None,
             "compile_vae": self.compile_mode if self.compile_vae else None,
             "channels_last": self.channels_last, "fuse_qkv": self.fuse_qkv,
+            # Only when set, so that the names of images rendered before the option existed stay the same.
+            **({"unet_batch": self.unet_batch} if self.unet_batch is not None else {}),
         }
 
     def as_dict(self) -> dict:
@@ -123,6 +127,8 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
     if not math.isfinite(config.guidance) or not 0 <= config.guidance <= MAX_GUIDANCE:
         raise UserError(f"--guidance {config.guidance} must be from 0 to {MAX_GUIDANCE:g} (1 turns guidance off; "
                         "SDXL is usually run at 5 to 8)")
+    if config.unet_batch is not None and config.unet_batch < 1:
+        raise UserError(f"--unet-batch {config.unet_batch} must be at least 1 (rows per UNet call)")
     if config.steps < 1 or config.images_per_prompt < 1:
         raise UserError("--steps and --images-per-prompt must be at least 1")
     if config.scheduler not in SCHEDULERS:

@@ -10,6 +10,7 @@ from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
 from sdxl_split.denoiser_service.denoise import needs_fp32_decode
+from sdxl_split.denoiser_service.unet_batch import limit_unet_batch
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError, first_line
 from sdxl_split.shared.models.builder import TINY_VAE_SUBFOLDER
@@ -91,10 +92,15 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
             pipe.vae.to(torch.float32)
         # Leaf-level groups with a side stream: the next layer uploads while this one computes. Block-level
         # groups would hold a whole top-level block, and SDXL's 1280-wide up block alone is ~2 GiB in fp16.
+        # record_stream: without it every layer's offload waits for the GPU to finish (a full device sync per
+        # layer, ~1,700 per UNet pass), so the CPU can never run ahead to queue the next upload.
         pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="leaf_level", use_stream=True, non_blocking=True)
+                                  offload_type="leaf_level", use_stream=True, non_blocking=True,
+                                  record_stream=True)
     else:
         pipe.to(device)
+    if config.unet_batch is not None:
+        limit_unet_batch(pipe.unet, config.unet_batch)
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

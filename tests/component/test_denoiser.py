@@ -118,9 +118,40 @@ def test_classic_attention_and_vae_slicing_match_defaults(cli, tmp_path: Path) -
     base = _render_pixels(cli, prompts, tmp_path / "base")
     classic = _render_pixels(cli, prompts, tmp_path / "classic", "--attention", "default")
     sliced = _render_pixels(cli, prompts, tmp_path / "sliced", "--vae-slicing")
-    for other in (classic, sliced):
+    one_row_calls = _render_pixels(cli, prompts, tmp_path / "rows", "--unet-batch", "1")
+    for other in (classic, sliced, one_row_calls):
         assert other.shape == base.shape
         assert np.abs(other.astype(int) - base.astype(int)).max() <= 1
+
+
+def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:
+    from sdxl_split.denoiser_service.config import RenderConfig
+    from sdxl_split.denoiser_service.denoise import Denoiser
+    from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+    from sdxl_split.encoder_service.text_side import TextSide
+    from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+    from sdxl_split.shared.memory import MemoryMeter
+    from sdxl_split.shared.models.resolve import resolve_model
+    from sdxl_split.shared.prompts import PromptEntry
+
+    source = resolve_model(str(tiny_dir), tiny_dir.parent.parent)
+    entry = PromptEntry(line=1, prompt="a red bicycle", negative_prompt="blurry")
+    tensors = TextSide(source, "cpu", "fp32").encode([entry], clip_skip=None)[0].tensors
+    record = Embeddings(key="0" * 64, texts=entry.texts(), tensors=tensors,
+                        settings=EncodingSettings(fingerprint="t", clip_skip=None, dtype="fp32", force_zeros=True))
+    images = {}
+    for rows in (None, 3):
+        config = RenderConfig(width=64, height=64, steps=2, unet_batch=rows)
+        pipe = load_denoiser_pipeline(source, config)
+        seen: list[int] = []
+        pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].shape[0]))
+        images[rows] = np.stack([np.array(i) for i in Denoiser(pipe, config, MemoryMeter()).render(
+            record, seed=5, count=3).images])
+        # 3 images are 6 rows under guidance: one call of 6, or two of 3, per step.
+        assert seen == ([6] if rows is None else [3, 3]) * 2, seen
+    assert np.abs(images[3].astype(int) - images[None].astype(int)).max() <= 1
+    assert "unet_batch" not in RenderConfig().pixel_settings()  # names from before the option stay the same
+    assert RenderConfig(unet_batch=4).pixel_settings() != RenderConfig().pixel_settings()
 
 
 @pytest.mark.parametrize(

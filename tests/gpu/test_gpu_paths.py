@@ -87,13 +87,19 @@ def render(source: ModelSource, config: RenderConfig, record: Embeddings) -> tup
 
 
 def test_each_offload_mode_renders_and_their_peaks_keep_their_order(full_model, record, record_property) -> None:
-    peaks = {}
+    peaks, denoise_peaks = {}, {}
     for mode in ("none", "model", "group", "sequential"):
         images, memory = render(full_model, replace(SMALL, offload=mode), record)
         assert len(images) == 1 and images[0].shape == (512, 512, 3)
         peaks[mode] = memory["cuda_allocated_gib"]
+        denoise_peaks[mode] = next(p["cuda_allocated_gib"] for p in memory["phases"] if p["phase"] == "denoise")
         record_property(f"offload_{mode}_peak_allocated_gib", round(peaks[mode], 3))
-    assert peaks["sequential"] < peaks["group"] < peaks["model"] < peaks["none"], peaks
+        record_property(f"offload_{mode}_denoise_peak_allocated_gib", round(denoise_peaks[mode], 3))
+    # Leaf-level group offload keeps the same one-leaf window as sequential offload plus the next leaf in flight,
+    # so the order shows while the UNet runs; over the whole render both peak in the same VAE decode and may tie.
+    assert denoise_peaks["sequential"] < denoise_peaks["group"] < denoise_peaks["model"] < denoise_peaks["none"], (
+        denoise_peaks)
+    assert peaks["sequential"] <= peaks["group"] < peaks["model"] < peaks["none"], peaks
 
 
 def test_compile_renders_two_jobs_of_one_size_with_one_compilation(tiny_dir: Path, record_property) -> None:
