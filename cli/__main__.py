@@ -1,5 +1,5 @@
 """`python -m sdxl_split.cli` is the same as the `sdxl-split` console script."""
 
-from sdxl_split.cli.main import main
+from sdxl_split.cli.main import entry
 
-main()
+entry()

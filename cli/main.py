@@ -18,6 +18,7 @@ import click  # noqa: E402
 
 from sdxl_split.shared.errors import UserError, first_line, os_error_line  # noqa: E402
 from sdxl_split.shared.models.resolve import DEFAULT_MODEL  # noqa: E402
+from sdxl_split.shared.processes import exit_now  # noqa: E402
 from sdxl_split.shared.settings import CACHE_ENV, GlobalOptions, cache_dir_from  # noqa: E402
 
 
@@ -121,3 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         first = first_line(err, 300)
         click.echo(f"internal error: {type(err).__name__}: {first} (rerun with -vv for the traceback)", err=True)
         sys.exit(1)
+
+
+def entry() -> None:
+    """The `sdxl-split` console script and `python -m sdxl_split.cli`: main(), then out without the
+    interpreter's teardown (see exit_now). main() itself returns, for callers in a longer-lived process."""
+    main()
+    exit_now(0)

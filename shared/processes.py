@@ -101,6 +101,16 @@ def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0)
         first = first_line(err, 300)
         print(f"internal error: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
         sys.exit(1)
+    exit_now()
+
+
+def exit_now(code: int = 0) -> None:
+    """Leave without the interpreter's teardown: with torch loaded, unloading every module and collecting
+    their objects took 0.6 to 1.3 s per process after the last image. Every file this project writes is
+    fsynced as it is written and every socket is closed by now, so the teardown has nothing left to save."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
