@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,11 +82,12 @@ class Bench:
         return cache
 
     def _cli(self, *args: str, cache: Path, env: dict | None = None) -> float:
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), children_cpu_s()
         done = subprocess.run([sys.executable, "-m", "sdxl_split.cli", *args], capture_output=True, text=True,
                               env={**os.environ, "SDXL_SPLIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                                    **(env or {})})
         seconds = time.perf_counter() - started
+        self.last_cpu_s = children_cpu_s() - cpu_before
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
         return seconds
@@ -94,10 +96,11 @@ class Bench:
         return ["--size", f"{self.args.size}x{self.args.size}", "--steps", str(self.args.steps)]
 
     def monolith(self, prompts: Path) -> float:
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), children_cpu_s()
         subprocess.run([sys.executable, "-c", MONOLITH, str(self.models / "models" / "tiny"), str(prompts),
                         str(Path(tempfile.mkdtemp(dir=self.root))), str(self.args.size), str(self.args.steps)],
                        check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+        self.last_cpu_s = children_cpu_s() - cpu_before
         return time.perf_counter() - started
 
     def run(self, prompts: Path, cache: Path) -> float:
@@ -131,6 +134,13 @@ class Bench:
         return (last - first) / jobs * 1000.0
 
 
+def children_cpu_s() -> float:
+    """User + system CPU seconds of every waited-for descendant so far (run's children count once run reaps
+    them). On a shared VM wall time swings by 20% between identical runs; CPU time says what work was added."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def free_port() -> int:
     import socket
 
@@ -144,21 +154,37 @@ def ratios(args: argparse.Namespace) -> dict:
     prompts, quarter = prompts_file(bench.root, args.prompts), prompts_file(bench.root, args.prompts // 4)
     rows: dict[str, list[float]] = {name: [] for name in
                                     ("monolith", "run", "run-cached", "render", "encode", "encode-quarter")}
+    cpu: dict[str, list[float]] = {name: [] for name in rows}
+
+    def timed(name: str, seconds: float) -> None:
+        rows[name].append(seconds)
+        cpu[name].append(bench.last_cpu_s)
+
     for pair in range(args.pairs):
         print(f"pair {pair + 1}/{args.pairs} ...", file=sys.stderr, flush=True)
-        rows["monolith"].append(bench.monolith(prompts))
+        timed("monolith", bench.monolith(prompts))
         cache = bench.fresh_cache()
-        rows["run"].append(bench.run(prompts, cache))
-        rows["run-cached"].append(bench.run(prompts, cache))
-        rows["render"].append(bench.render(prompts, cache))
-        rows["encode"].append(bench.encode(prompts, bench.fresh_cache()))
-        rows["encode-quarter"].append(bench.encode(quarter, bench.fresh_cache()))
+        timed("run", bench.run(prompts, cache))
+        timed("run-cached", bench.run(prompts, cache))
+        timed("render", bench.render(prompts, cache))
+        timed("encode", bench.encode(prompts, bench.fresh_cache()))
+        timed("encode-quarter", bench.encode(quarter, bench.fresh_cache()))
     median = {name: statistics.median(values) for name, values in rows.items()}
     link_ms = statistics.median(bench.link_per_job_ms(prompts, args.prompts) for _ in range(args.pairs))
     shutil.rmtree(bench.root, ignore_errors=True)
     marginal_ms = (median["encode"] - median["encode-quarter"]) / (args.prompts - args.prompts // 4) * 1000.0
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+
+    def paired(a: str, b: str) -> float:
+        """Median of the per-pair ratios: each pair ran back to back, so drift between pairs cancels."""
+        return statistics.median(x / y for x, y in zip(rows[a], rows[b], strict=True))
+
     return {
-        "seconds": rows, "median_s": median,
+        "seconds": rows, "median_s": median, "cpu_seconds": cpu, "median_cpu_s": median_cpu,
+        "paired_ratios": {"run_empty_cache_vs_monolith": paired("run", "monolith"),
+                          "run_cached_vs_render_prompts": paired("run-cached", "render")},
+        "cpu_ratios": {"run_empty_cache_vs_monolith": median_cpu["run"] / median_cpu["monolith"],
+                       "run_cached_vs_render_prompts": median_cpu["run-cached"] / median_cpu["render"]},
         "ratios": {
             "run_empty_cache_vs_monolith": median["run"] / median["monolith"],
             "run_cached_vs_render_prompts": median["run-cached"] / median["render"],
@@ -177,14 +203,20 @@ def markdown(payload: dict) -> str:
     lines = [f"# Split overhead, {setup['date']} ({setup['cpu']}, {setup['cores']} cores)", "",
              f"- tiny model (random weights), {setup['prompts']} prompts, {setup['size']}x{setup['size']}, "
              f"{setup['steps']} steps; medians of {setup['pairs']} paired runs, each a fresh process with an empty "
-             "cache unless cached", "", "| what | median s | runs (s) |", "| --- | ---: | --- |"]
+             "cache unless cached; CPU s = user + system time of the whole process tree", "",
+             "| what | median s | runs (s) | median CPU s |", "| --- | ---: | --- | ---: |"]
     for name, values in payload["seconds"].items():
-        lines.append(f"| {name} | {payload['median_s'][name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+        lines.append(f"| {name} | {payload['median_s'][name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} | "
+                     f"{payload['median_cpu_s'][name]:.1f} |")
     targets = payload["targets"]
     lines += ["", "| ratio or cost | measured | target |", "| --- | ---: | ---: |"]
     for name, value in payload["ratios"].items():
         target = targets.get(name)
         lines.append(f"| {name} | {value:.3f}x | {f'<= {target:.2f}x' if target else '—'} |")
+    for name, value in payload["paired_ratios"].items():
+        lines.append(f"| {name}, median of the paired ratios | {value:.3f}x | <= {targets[name]:.2f}x |")
+    for name, value in payload["cpu_ratios"].items():
+        lines.append(f"| {name}, CPU time | {value:.3f}x | — |")
     marginal, limit = payload["encoder_marginal_ms_per_prompt"], targets["encoder_marginal_ms_per_prompt"]
     lines.append(f"| encoder marginal ms/prompt (all minus a quarter of the prompts, per prompt) | {marginal:.1f} | "
                  f"<= {limit:.0f} |")
