@@ -70,6 +70,7 @@ def prompts_file(folder: Path, count: int) -> Path:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.last_cpu_s = 0.0  # CPU seconds of the process tree of the last timed run
         self.root = Path(tempfile.mkdtemp(prefix="sdxl-split-overhead-"))
         self.models = self.root / "models-cache"
         # One built-in tiny model shared by every run's cache (symlinked), built once here.
