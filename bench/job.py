@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.settings import GlobalOptions

@@ -15,7 +15,7 @@ from sdxl_split.bench.rows import ROW_BY_ID, PlannedRow, Row, plan_row
 from sdxl_split.bench.timing import WARMUP_STEPS
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embedding_cache import EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import EncodingSettings, embedding_key
+from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.settings import GlobalOptions

@@ -14,7 +14,8 @@ from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline, use_scheduler
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES, Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES, Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.loading import load_partial_pipeline

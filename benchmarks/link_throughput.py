@@ -17,7 +17,8 @@ import torch
 import zmq
 
 from sdxl_split.shared import protocol as p
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key
 from sdxl_split.shared.prompts import PromptEntry
 
 

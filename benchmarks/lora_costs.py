@@ -35,7 +35,8 @@ def measure(args: argparse.Namespace) -> dict:
     from sdxl_split.denoiser_service.lora_bank import LoraBank
     from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
     from sdxl_split.encoder_service.text_side import TextSide
-    from sdxl_split.shared.embeddings import Embeddings, encoding_settings
+    from sdxl_split.shared.embeddings import Embeddings
+    from sdxl_split.shared.encoding_settings import encoding_settings
     from sdxl_split.shared.loras import LoraFinder
     from sdxl_split.shared.memory import MemoryMeter
     from sdxl_split.shared.models.resolve import resolve_model

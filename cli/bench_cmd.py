@@ -81,7 +81,7 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
     from sdxl_split.bench.rows import parse_row_values, select_rows
     from sdxl_split.bench.runner import BenchSettings, run_rows
     from sdxl_split.denoiser_service.config import RenderConfig, parse_size
-    from sdxl_split.shared.embeddings import encoding_settings
+    from sdxl_split.shared.encoding_settings import encoding_settings
     from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, TEXT_COMPONENTS, fingerprint
 
     rows = select_rows(row_list)

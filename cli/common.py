@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from sdxl_split.shared.devices import cuda_index
+from sdxl_split.shared.devices import cuda_index, local_cuda_devices
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model
 from sdxl_split.shared.quiet import quiet_libraries
@@ -29,19 +29,19 @@ def resolve(opts: GlobalOptions) -> ModelSource:
     return source
 
 
-def check_device(device: str, flag: str = "--device") -> str:
-    """Refuse a device torch cannot use here, naming the flag it came from."""
-    import torch
-
+def check_device(device: str, flag: str = "--device", cuda_devices: int | None = None) -> str:
+    """Refuse a device torch cannot use here, naming the flag it came from. `cuda_devices`: what torch sees, if
+    already known (`run` learns it from its children); otherwise asked of torch, and only for a CUDA device."""
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"{flag} {device} asked for CUDA, but torch sees no CUDA GPU; use {flag} cpu")
         try:
             index = cuda_index(device)
         except ValueError:
             raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N") from None
-        if index >= torch.cuda.device_count():
-            raise UserError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        present = local_cuda_devices() if cuda_devices is None else cuda_devices
+        if not present:
+            raise UserError(f"{flag} {device} asked for CUDA, but torch sees no CUDA GPU; use {flag} cpu")
+        if index >= present:
+            raise UserError(f"{flag} {device}: only {present} CUDA device(s) present")
     elif device not in ("cpu", "mps"):
         raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N")
     return device

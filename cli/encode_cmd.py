@@ -37,8 +37,9 @@ def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | N
     Exit codes: 0 all done (or no denoiser came: the cache is filled), 2 bad input, 3 some jobs
     failed or were left unrendered.
     """
+    from sdxl_split.encoder_service.outcome import some_failed
     from sdxl_split.encoder_service.progress import EncodeProgress
-    from sdxl_split.encoder_service.service import run_encoder, some_failed
+    from sdxl_split.encoder_service.service import run_encoder
     from sdxl_split.shared.processes import install_stop_handlers
     from sdxl_split.shared.wakeup import StopFlag
 
@@ -62,9 +63,8 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
                 curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None,
                 job_timeout: float | None = None):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
-    from sdxl_split.encoder_service.config import EncodeConfig
-    from sdxl_split.encoder_service.dispatcher import LinkConfig
-    from sdxl_split.encoder_service.service import EncodeSpec
+    from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
+    from sdxl_split.encoder_service.spec import EncodeSpec
     from sdxl_split.shared.security import is_loopback
 
     prompt_file = read_prompts(opts, prompts, encoding)

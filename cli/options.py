@@ -56,7 +56,7 @@ class Encoding:
         return default_dtype(self.encoder_device, self.encoder_dtype)
 
     def settings(self, source, cache_dir: Path):
-        from sdxl_split.shared.embeddings import encoding_settings
+        from sdxl_split.shared.encoding_settings import encoding_settings
 
         return encoding_settings(source, cache_dir, self.dtype, self.clip_skip, self.prompt_syntax)
 

@@ -115,7 +115,7 @@ def check_seeds(path: Path, entries, config) -> None:
 def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, threads: int | None = None,
                   metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False):
     """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
-    from sdxl_split.denoiser_service.service import DenoiserSpec, model_identity
+    from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
 
     source = source or resolve(opts)
     identity = model_identity(source, opts.cache_dir, full_metadata=metadata == "full")
@@ -126,8 +126,8 @@ def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, 
 def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, serve: bool, curve_dir: Path | None,
                  job_delay: float, hang_on_job: int, as_json: bool) -> None:
     """Take jobs from a live encoder until it says BYE (or forever with --serve)."""
-    from sdxl_split.denoiser_service.service import ServeSpec
     from sdxl_split.denoiser_service.service import serve as serve_jobs
+    from sdxl_split.denoiser_service.spec import ServeSpec
     from sdxl_split.shared.memory import format_memory_line
     from sdxl_split.shared.processes import install_stop_handlers
     from sdxl_split.shared.wakeup import StopFlag

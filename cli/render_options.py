@@ -19,6 +19,7 @@ from sdxl_split.denoiser_service.config import (
     parse_size,
     validate,
 )
+from sdxl_split.shared.devices import local_cuda_devices
 
 
 def lora_serving_options(func):
@@ -82,12 +83,13 @@ def render_options(func):
     ])
 
 
-def render_config_from(kw: dict, remote: bool = False) -> RenderConfig:
+def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None = None) -> RenderConfig:
     """The frozen RenderConfig from render_options' values, refused before anything loads if it cannot work.
-    `remote`: the denoisers run on other machines (Ray), so this one's lack of a GPU says nothing."""
-    import torch
-
-    device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    `remote`: the denoisers run on other machines (Ray), so this one's lack of a GPU says nothing.
+    `cuda_devices`: what torch sees here, if already known; otherwise torch is asked."""
+    if cuda_devices is None:
+        cuda_devices = local_cuda_devices()
+    device = kw["device"] or ("cuda" if cuda_devices else "cpu")
     width, height = parse_size(kw["size"])
     config = RenderConfig(
         out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
@@ -98,7 +100,7 @@ def render_config_from(kw: dict, remote: bool = False) -> RenderConfig:
         width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
     )
-    validate(config, remote or torch.cuda.is_available())
+    validate(config, remote or cuda_devices > 0)
     if not config.device.startswith("cuda"):
         check_device(config.device)
     return config

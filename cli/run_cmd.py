@@ -20,6 +20,8 @@ from sdxl_split.shared.settings import GlobalOptions
 
 # The encoder waits this long for its denoisers (already loaded when it starts) to come back.
 ENCODER_WAIT_S = 30.0
+DENOISER_ENTRY = "sdxl_split.denoiser_service.service:child_main"
+ENCODER_ENTRY = "sdxl_split.encoder_service.service:child_main"
 
 
 @click.command("run")
@@ -58,36 +60,41 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
         return
     for name in RAY_ONLY:
         kw.pop(name)
-    from sdxl_split.denoiser_service.service import ServeSpec
-    from sdxl_split.denoiser_service.service import child_main as denoiser_main
-    from sdxl_split.encoder_service.service import child_main as encoder_main
-    from sdxl_split.encoder_service.service import some_failed
+    import dataclasses
+
+    from sdxl_split.denoiser_service.spec import ServeSpec
+    from sdxl_split.encoder_service.outcome import some_failed
     from sdxl_split.shared import specs
     from sdxl_split.shared.processes import describe_exit
-    from sdxl_split.shared.supervisor import ChildSpec, supervise
+    from sdxl_split.shared.supervisor import ChildGroup, ChildSpec
     from sdxl_split.shared.threads import run_threads
 
     choice = Encoding.pop_from(kw)
-    config = render_config_from(kw)
     workdir = Path(tempfile.mkdtemp(prefix="sdxl-split-"))
     try:
         endpoint = f"ipc://{workdir}/link.ipc"
-        # Everything is checked and resolved here, once: the children get frozen specs, not command lines.
-        encoder_threads, denoiser_threads = run_threads(choice.encoder_device == "cpu", denoisers,
-                                                        config.device == "cpu")
+        # The whole prompt file and the model are checked before any process starts.
         encoding = encode_spec(opts, prompts, choice, batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S,
-                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout,
-                               threads=encoder_threads)
-        check_seeds(prompts, encoding.entries, config)
-        serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source, metadata=kw["metadata"],
-                                                   lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
-                                                   threads=denoiser_threads),
-                            endpoint=endpoint, credits=credits, job_delay_s=job_delay)
-        if _all_rendered(encoding, serving, config, choice, opts):
-            return
-        outcome = supervise(
-            [ChildSpec(f"denoiser-{n}", denoiser_main, specs.dumps(serving), opts.verbosity) for n in range(denoisers)],
-            ChildSpec("encoder", encoder_main, specs.dumps(encoding), opts.verbosity), notice=notice)
+                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout)
+        children = ChildGroup([ChildSpec(f"denoiser-{n}", DENOISER_ENTRY) for n in range(denoisers)],
+                              ChildSpec("encoder", ENCODER_ENTRY), opts.verbosity, notice)
+        with children:
+            # This process never imports torch (1.7 s before anything could start): its children do, at once, and
+            # say what CUDA devices it sees; the rest is checked and resolved here, once, into frozen specs.
+            cuda_devices = children.cuda_devices()
+            config = render_config_from(kw, cuda_devices=cuda_devices)
+            encoder_threads, denoiser_threads = run_threads(choice.encoder_device == "cpu", denoisers,
+                                                            config.device == "cpu")
+            encoding = dataclasses.replace(encoding,
+                                           config=dataclasses.replace(encoding.config, threads=encoder_threads))
+            check_seeds(prompts, encoding.entries, config)
+            serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source,
+                                                       metadata=kw["metadata"], lora_cache=kw["lora_cache"],
+                                                       fuse_lora=kw["fuse_lora"], threads=denoiser_threads),
+                                endpoint=endpoint, credits=credits, job_delay_s=job_delay)
+            if _all_rendered(encoding, serving, config, choice, opts):
+                return
+            outcome = children.run(specs.dumps(serving), specs.dumps(encoding))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     _print_side_by_side(outcome.children)
@@ -105,7 +112,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
 
 
 def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptions) -> bool:
-    """A re-run whose images are all in --out, intact, starts no process: their names come from the prompts.
+    """A re-run whose images are all in --out, intact, renders nothing: their names come from the prompts.
     Their bytes are hashed only when every one exists; otherwise the encoder's journal check does that once."""
     from sdxl_split.denoiser_service.work_plan import check_jobs, distinct_jobs
 
@@ -118,7 +125,7 @@ def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptio
         notice(warning)
     if plan.todo:
         return False
-    click.echo(f"jobs: 0 rendered, {len(jobs)} already done; nothing to start")
+    click.echo(f"jobs: 0 rendered, {len(jobs)} already done; nothing to render")
     click.echo(f"images in {config.out_dir}")
     return True
 

@@ -10,14 +10,11 @@ from PIL import Image
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.memory import MemoryMeter
 
 if TYPE_CHECKING:  # diffusers is imported by whoever loads the pipeline, not by every CLI start-up
     from diffusers import StableDiffusionXLPipeline
-
-
-class JobError(Exception):
-    """This job cannot be rendered (bad embeddings for this model, NaN output); other jobs go on."""
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from sdxl_split.denoiser_service.denoise import JobError
-from sdxl_split.shared.errors import UserError, first_line
+from sdxl_split.shared.errors import JobError, UserError, first_line
 from sdxl_split.shared.loras import LoraFinder, LoraUse
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, JobError
 from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir, WrittenImage
-from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.jobs import image_filename, image_id, job_id
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import MAX_SEED, PromptEntry
+
+if TYPE_CHECKING:  # torch: `run`'s parent plans file names with this module and never loads a model
+    from sdxl_split.denoiser_service.denoise import Denoiser
+    from sdxl_split.shared.embeddings import Embeddings
 
 
 @dataclass(frozen=True)

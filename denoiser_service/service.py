@@ -7,67 +7,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.lora_bank import LoraBank
 from sdxl_split.denoiser_service.outputs import OutputDir
-from sdxl_split.denoiser_service.render_loop import ModelIdentity, Renderer, RenderJob, RenderStats, make_job
+from sdxl_split.denoiser_service.render_loop import Renderer, RenderJob, RenderStats, make_job
+from sdxl_split.denoiser_service.spec import DenoiserSpec, ServeSpec
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
-from sdxl_split.shared.digests import file_sha256
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import EncodingSettings, entry_key
-from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
+from sdxl_split.shared.errors import JobError, UserError
 from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.loras import LoraFinder
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, display_name, fingerprint
-from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
 Notice = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class DenoiserSpec:
-    """Which model, named how in metadata, rendered with which settings."""
-
-    source: ModelSource
-    identity: ModelIdentity
-    config: RenderConfig
-    # Where LoRA hashes are memoised.
-    cache_dir: Path
-    # torch CPU threads for this process; None: one per core.
-    threads: int | None = None
-    extras: ExtrasSpec = ExtrasSpec()
-    # LoRA adapters kept loaded at once; or the run's --lora set fused into the UNet (and no other accepted).
-    lora_cache: int = 8
-    fuse_lora: bool = False
-
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """A denoiser taking jobs from an encoder's endpoint."""
-
-    denoiser: DenoiserSpec
-    endpoint: str
-    credits: int = 2
-    # Keep serving encode runs one after another instead of exiting after the first one's BYE.
-    serve: bool = False
-    curve_dir: Path | None = None
-    # Test hooks: seconds to sleep before each job, to make one denoiser slower than another; the job (1 = the
-    # first) whose render never returns, as a stuck CUDA call would.
-    job_delay_s: float = 0.0
-    hang_on_job: int = 0
-
-
-def model_identity(source: ModelSource, cache_dir: Path, full_metadata: bool = False) -> ModelIdentity:
-    digest = file_sha256(Path(source.location), cache_dir)[:10] if source.kind == "single_file" else ""
-    return ModelIdentity(name=display_name(source), fingerprint=fingerprint(source, DENOISE_COMPONENTS, cache_dir),
-                         hash=digest, source=source.spec if full_metadata else None)
 
 
 def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Callable[[], Denoiser]:
@@ -200,18 +157,15 @@ def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
                        memory=memory)
 
 
-def child_main(conn, spec_json: str, verbosity: int = 0) -> None:
-    """`run`'s denoiser process: the spec arrives as JSON, readiness is "model loaded", the result its stats."""
+def child_main(hooks, spec_json: str) -> None:
+    """`run`'s denoiser process (shared.processes.child_process): readiness is "model loaded", the result its
+    stats."""
     from sdxl_split.shared import specs
-    from sdxl_split.shared.processes import install_stop_handlers, run_child, stderr_notice
+    from sdxl_split.shared.processes import install_stop_handlers, stderr_notice
     from sdxl_split.shared.wakeup import StopFlag
 
-    def body(hooks) -> None:
-        spec = specs.loads(ServeSpec, spec_json)
-        stop = StopFlag()
-        install_stop_handlers(stop)
-        result = serve(spec, stop, notice=stderr_notice, on_ready=hooks.ready)
-        hooks.result({"stats": result.stats, "memory": result.memory})
-
-    run_child(conn, body, verbosity)
-
+    spec = specs.loads(ServeSpec, spec_json)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+    result = serve(spec, stop, notice=stderr_notice, on_ready=hooks.ready)
+    hooks.result({"stats": result.stats, "memory": result.memory})

@@ -10,7 +10,7 @@ from pathlib import Path
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.render_loop import ModelIdentity, job_files
-from sdxl_split.shared.embeddings import EncodingSettings, entry_key
+from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
 from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.prompt_extras import ExtrasResolver
 from sdxl_split.shared.prompts import PromptEntry

@@ -1,8 +1,11 @@
-"""The encoder's settings, fixed once by the CLI."""
+"""The encoder's settings and its link's, fixed once by the CLI."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from sdxl_split.shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 
 @dataclass(frozen=True)
@@ -15,3 +18,16 @@ class EncodeConfig:
     batch_size: int = 1
     # torch CPU threads for this process; None: one per core.
     threads: int | None = None
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    endpoint: str
+    # Encoder key folder from `sdxl-split keys init` (server.key_secret + allowed_clients/); None = no CURVE.
+    curve_dir: Path | None = None
+    # ERRORs a job may get before it is dead-lettered.
+    max_attempts: int = 3
+    # Seconds a denoiser may hold jobs without finishing one; None: scaled to its own speed (job_table).
+    job_timeout_s: float | None = None
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S
+    liveness: int = HEARTBEAT_LIVENESS

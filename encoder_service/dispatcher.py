@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
+from sdxl_split.encoder_service.config import LinkConfig
 from sdxl_split.encoder_service.job_table import JobTable, Worker
 from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared import protocol as p
@@ -22,19 +21,6 @@ log = logging.getLogger("sdxl_split.encoder")
 
 # Returns a job's embedding record and its bytes (from the cache), or raises LookupError.
 Fetch = Callable[[str], tuple[Embeddings, bytes]]
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    endpoint: str
-    # Encoder key folder from `sdxl-split keys init` (server.key_secret + allowed_clients/); None = no CURVE.
-    curve_dir: Path | None = None
-    # ERRORs a job may get before it is dead-lettered.
-    max_attempts: int = 3
-    # Seconds a denoiser may hold jobs without finishing one; None: scaled to its own speed (job_table).
-    job_timeout_s: float | None = None
-    heartbeat_s: float = p.HEARTBEAT_INTERVAL_S
-    liveness: int = p.HEARTBEAT_LIVENESS
 
 
 class Dispatcher:

@@ -9,7 +9,8 @@ from itertools import groupby
 from typing import TYPE_CHECKING
 
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, entry_key
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompt_extras import Extras
 from sdxl_split.shared.prompts import PromptEntry

@@ -3,53 +3,22 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import zmq
 
-from sdxl_split.encoder_service.config import EncodeConfig
-from sdxl_split.encoder_service.dispatcher import LinkConfig
-from sdxl_split.encoder_service.journal import Journal, journal_path
+from sdxl_split.encoder_service.journal import Journal
+from sdxl_split.encoder_service.spec import EncodeSpec
 from sdxl_split.encoder_service.streaming import run_streaming_encode
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import EncodingSettings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import ModelSource, text_widths
-from sdxl_split.shared.prompt_extras import ExtrasSpec
-from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.models.resolve import text_widths
 from sdxl_split.shared.threads import use_threads
 
 Notice = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class EncodeSpec:
-    """Everything one encode run needs, resolved by the parent: the prompt file is parsed and the model
-    resolved once, there."""
-
-    prompts_path: Path
-    entries: tuple[PromptEntry, ...]
-    skipped_lines: int
-    source: ModelSource
-    settings: EncodingSettings
-    cache_dir: Path
-    config: EncodeConfig
-    link: LinkConfig
-    # Seconds to wait for a denoiser once the cache is filled.
-    wait_s: float = 10.0
-    # Test hook: seconds to keep serving the link after each prompt, to slow the encoder down.
-    throttle_s: float = 0.0
-    extras: ExtrasSpec = ExtrasSpec()
-
-    @property
-    def journal_path(self) -> Path:
-        return journal_path(self.cache_dir, self.prompts_path, json.dumps(asdict(self.settings), sort_keys=True))
 
 
 def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
@@ -89,27 +58,17 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
             "denoisers_attached": result.denoisers_attached, "interrupted": result.interrupted}
 
 
-def some_failed(summary: dict) -> bool:
-    """Exit 3: a job was dead-lettered, left unrendered while denoisers were there, or the run was stopped."""
-    return bool(summary["dead_lettered"] or (summary["denoisers_attached"] and summary["abandoned"])
-                or summary["interrupted"])
-
-
-def child_main(conn, spec_json: str, verbosity: int = 0) -> None:
-    """`run`'s encoder process: the spec arrives as JSON, readiness is "bound", the result is the summary."""
+def child_main(hooks, spec_json: str) -> None:
+    """`run`'s encoder process (shared.processes.child_process): readiness is "bound", the result the summary."""
     from sdxl_split.encoder_service.progress import EncodeProgress
     from sdxl_split.shared import specs
-    from sdxl_split.shared.processes import install_stop_handlers, run_child
+    from sdxl_split.shared.processes import install_stop_handlers
     from sdxl_split.shared.wakeup import StopFlag
 
-    def body(hooks) -> None:
-        spec = specs.loads(EncodeSpec, spec_json)
-        stop = StopFlag()
-        install_stop_handlers(stop)
-        # `run` shares this terminal: the encoder, which hears every DONE, shows the run's progress.
-        with EncodeProgress(len(spec.entries)) as progress:
-            hooks.result(run_encoder(spec, stop, notice=progress.notice, on_progress=progress.encoded,
-                                     on_bound=hooks.ready, on_event=progress.event))
-
-    run_child(conn, body, verbosity)
-
+    spec = specs.loads(EncodeSpec, spec_json)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+    # `run` shares this terminal: the encoder, which hears every DONE, shows the run's progress.
+    with EncodeProgress(len(spec.entries)) as progress:
+        hooks.result(run_encoder(spec, stop, notice=progress.notice, on_progress=progress.encoded,
+                                 on_bound=hooks.ready, on_event=progress.event))

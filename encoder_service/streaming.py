@@ -9,12 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from sdxl_split.encoder_service.dispatcher import Dispatcher, LinkConfig
+from sdxl_split.encoder_service.config import LinkConfig
+from sdxl_split.encoder_service.dispatcher import Dispatcher
 from sdxl_split.encoder_service.encode_loop import EncodeStats, run_encode
 from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompt_extras import Extras

@@ -15,18 +15,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdxl_split.denoiser_service.denoise import JobError
 from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.render_loop import Renderer, job_files
-from sdxl_split.denoiser_service.service import DenoiserSpec, denoiser_loader, job_reply
+from sdxl_split.denoiser_service.service import denoiser_loader, job_reply
+from sdxl_split.denoiser_service.spec import DenoiserSpec
 from sdxl_split.encoder_service.config import EncodeConfig
 from sdxl_split.encoder_service.encode_loop import run_encode
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared import specs
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import EncodingSettings
-from sdxl_split.shared.errors import UserError, first_line
+from sdxl_split.shared.encoding_settings import EncodingSettings
+from sdxl_split.shared.errors import JobError, UserError, first_line
 from sdxl_split.shared.jobs import work_id
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint, text_widths

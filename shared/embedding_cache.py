@@ -10,13 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxl_split.shared.atomic import atomic_write_bytes
-from sdxl_split.shared.embeddings import (
-    SCHEMA,
-    TEXT_FIELDS,
-    EmbeddingFormatError,
-    Embeddings,
-    decode_embeddings,
-)
+from sdxl_split.shared.embeddings import EmbeddingFormatError, Embeddings, decode_embeddings
+from sdxl_split.shared.encoding_settings import SCHEMA, TEXT_FIELDS
 
 SUFFIX = ".safetensors"
 

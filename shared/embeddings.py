@@ -5,21 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sdxl_split.shared.encoding_settings import (
+    DTYPE_NAMES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TEXT_FIELDS,
+    EncodingSettings,
+    embedding_key,
+)
 from sdxl_split.shared.loras import LoraUse
-from sdxl_split.shared.models.resolve import TEXT_COMPONENTS, ModelSource, fingerprint, model_index
-from sdxl_split.shared.prompts import MAX_TEXT_CHARS, SYNTAXES, PromptEntry
+from sdxl_split.shared.prompts import MAX_TEXT_CHARS, SYNTAXES
 
-SCHEMA = "sdxl-split/embeddings"
-# 3: settings carry the prompt syntax and its compiler; embeddings may be 77*k tokens long.
-SCHEMA_VERSION = 3
 # In the order diffusers' encode_prompt returns them.
 TENSOR_NAMES = (
     "prompt_embeds",
@@ -27,7 +30,6 @@ TENSOR_NAMES = (
     "pooled_prompt_embeds",
     "negative_pooled_prompt_embeds",
 )
-TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
@@ -44,87 +46,12 @@ class EmbeddingFormatError(ValueError):
     """Bytes that are not a valid embedding record of this schema."""
 
 
-@dataclass(frozen=True)
-class EncodingSettings:
-    """Everything besides the prompt texts that changes the tensors; part of every cache key."""
-
-    fingerprint: str
-    clip_skip: int | None
-    dtype: str
-    force_zeros: bool
-    # How the texts were read (shared.prompts.SYNTAXES), and the version of whatever compiled them: a new
-    # compiler never serves tensors an older one made.
-    syntax: str = "plain"
-    compiler: str | None = None
-    # The text-encoder halves of the LoRAs applied (file hash and scale), and the textual inversions the texts
-    # use: change either and the key changes, so a cache never serves another LoRA's embeddings.
-    loras: tuple[LoraUse, ...] = ()
-    inversions: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-        if self.syntax not in SYNTAXES:
-            raise ValueError(f"syntax must be one of {SYNTAXES}")
-
-    def for_entry(self, entry: PromptEntry, extras=None) -> EncodingSettings:
-        """The settings one line is encoded with: its own syntax (JSONL `syntax`) over the run's, and the LoRAs and
-        inversions it uses (prompt_extras.Extras)."""
-        syntax = entry.syntax or self.syntax
-        loras = extras.text_uses if extras is not None else ()
-        inversions = extras.inversions if extras is not None else ()
-        return replace(self, syntax=syntax, compiler=compiler_version(syntax), loras=loras, inversions=inversions)
-
-
-# Bumped whenever the a1111/comfy compiler would produce other tensors for the same text.
-CHUNK_COMPILER_VERSION = "1"
-
-
-def compiler_version(syntax: str) -> str | None:
-    if syntax == "plain":
-        return None
-    if syntax == "compel":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"compel-{version('compel')}"
-        except PackageNotFoundError:
-            return "compel-missing"
-    return f"{syntax}-{CHUNK_COMPILER_VERSION}"
-
-
-def entry_key(entry: PromptEntry, settings: EncodingSettings, extras=None) -> str:
-    """The cache key of one prompt-file line under a run's settings (texts as written, tags and all)."""
-    return embedding_key(entry.texts(), settings.for_entry(entry, extras))
-
-
-def encoding_settings(source: ModelSource, cache_dir: Path, dtype: str, clip_skip: int | None,
-                      syntax: str = "plain") -> EncodingSettings:
-    """The settings a model and the encoding options give, as every cache key and lookup must see them."""
-    # diffusers reads hidden_states[-(clip_skip + 2)]: 0 is the same layer as no clip skip, so one key.
-    return EncodingSettings(
-        fingerprint=fingerprint(source, TEXT_COMPONENTS, cache_dir),
-        clip_skip=clip_skip or None,
-        dtype=dtype,
-        force_zeros=bool(model_index(source).get("force_zeros_for_empty_prompt", True)),
-        syntax=syntax,
-        compiler=compiler_version(syntax),
-    )
-
-
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of the raw tensor bytes in schema order: catches a flipped bit the header checks cannot see."""
     digest = hashlib.sha256()
     for name in TENSOR_NAMES:
         digest.update(tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def embedding_key(texts: dict[str, str | None], settings: EncodingSettings) -> str:
-    """sha256 over the schema, model fingerprint, all four texts and the encoding settings."""
-    payload = {"schema": SCHEMA, "version": SCHEMA_VERSION, **asdict(settings)}
-    payload.update({name: texts.get(name) for name in TEXT_FIELDS})
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -238,8 +165,8 @@ def _metadata(header: dict[str, Any]) -> tuple[str, dict[str, str | None], Encod
     for name, kind in expected.items():
         if not isinstance(settings_raw[name], kind) or (name == "clip_skip" and settings_raw[name] is True):
             raise EmbeddingFormatError(f"metadata setting {name} has the wrong type")
-    if settings_raw["dtype"] not in DTYPES:
-        raise EmbeddingFormatError(f"metadata dtype {settings_raw['dtype']!r} is not one of {sorted(DTYPES)}")
+    if settings_raw["dtype"] not in DTYPE_NAMES:
+        raise EmbeddingFormatError(f"metadata dtype {settings_raw['dtype']!r} is not one of {sorted(DTYPE_NAMES)}")
     if settings_raw["syntax"] not in SYNTAXES:
         raise EmbeddingFormatError(f"metadata syntax {str(settings_raw['syntax'])[:20]!r} is not one of {SYNTAXES}")
     if settings_raw["compiler"] is not None and len(settings_raw["compiler"]) > 64:

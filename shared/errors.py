@@ -28,5 +28,9 @@ class UserError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
+class JobError(Exception):
+    """This job cannot be rendered (bad embeddings for this model, NaN output); other jobs go on."""
+
+
 class ModelNotFoundError(UserError):
     """A --model that is neither a known name, a local path, nor a reachable hub repo."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -65,6 +66,28 @@ class ChildHooks:
     result: Callable[[dict], None]
 
 
+def child_process(conn: Any, entry: str, verbosity: int = 0) -> None:
+    """A child of `run`. It says hello at once, with what CUDA devices torch sees here: `run`'s own process never
+    imports torch, and plans the work (device, dtype, file names) from this answer while its children import.
+    Then it imports `entry` ("module:function") and calls function(hooks, spec_json) on the spec the parent
+    sends; if the parent sends none (nothing to render, bad options), it leaves without doing anything."""
+
+    def body(hooks: ChildHooks) -> None:
+        from sdxl_split.shared.devices import local_cuda_devices
+
+        send_json(conn, {"hello": {"cuda_devices": local_cuda_devices()}})
+        module, _, function = entry.partition(":")
+        main = getattr(importlib.import_module(module), function)
+        try:
+            message = json.loads(conn.recv_bytes())
+        except EOFError:
+            return  # the parent is gone; die_with_parent's SIGTERM is on its way
+        if isinstance(message, dict) and isinstance(message.get("spec"), str):
+            main(hooks, message["spec"])
+
+    run_child(conn, body, verbosity)
+
+
 def run_child(conn: Any, body: Callable[[ChildHooks], None], verbosity: int = 0) -> None:
     """The preamble every child of `run` shares: die with the parent, quiet libraries, and turn any failure
     into one line on stderr plus an exit code, as the CLI does (the parent names the child that failed)."""
@@ -117,15 +140,21 @@ def exit_now(code: int = 0) -> None:
 class Child:
     name: str
     process: mp.process.BaseProcess
-    conn: Any  # the parent's end of a multiprocessing Pipe, carrying JSON bytes only
+    conn: Any  # the parent's end of a duplex multiprocessing Pipe, carrying JSON bytes only
+    # CUDA devices torch sees in the child, from its hello; None until it has said hello.
+    cuda_devices: int | None = None
     ready: bool = False
     result: dict | None = None
 
     def poll_messages(self) -> None:
-        """Read whatever the child sent: {"ready": true} once, then {"result": {...}} at the end."""
+        """Read whatever the child sent: {"hello": {...}} first, {"ready": true} once its model is loaded, then
+        {"result": {...}} at the end."""
         try:
             while self.conn.poll():
                 message = json.loads(self.conn.recv_bytes())
+                hello = message.get("hello")
+                if isinstance(hello, dict) and isinstance(hello.get("cuda_devices"), int):
+                    self.cuda_devices = hello["cuda_devices"]
                 if message.get("ready"):
                     self.ready = True
                 if "result" in message:
@@ -133,12 +162,19 @@ class Child:
         except (EOFError, OSError, json.JSONDecodeError):
             pass
 
+    @property
+    def said_hello(self) -> bool:
+        return self.cuda_devices is not None
 
-def spawn_child(name: str, target: Callable[..., None], *args: Any) -> Child:
-    """Start `target(conn, *args)` in a fresh interpreter (spawn: no inherited CUDA or locks)."""
+    def send_spec(self, spec_json: str) -> None:
+        send_json(self.conn, {"spec": spec_json})
+
+
+def spawn_child(name: str, entry: str, verbosity: int = 0) -> Child:
+    """Start child_process(entry) in a fresh interpreter (spawn: no inherited CUDA or locks)."""
     ctx = mp.get_context("spawn")
-    parent_end, child_end = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=target, args=(child_end, *args), name=name, daemon=False)
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=child_process, args=(child_end, entry, verbosity), name=name, daemon=False)
     process.start()
     child_end.close()
     return Child(name=name, process=process, conn=parent_end)
@@ -157,23 +193,23 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def wait_until_ready(children: list[Child], timeout_s: float) -> None:
-    """Wait for every child's readiness while watching it is alive, so a crash is a message, not a hang. Wakes
-    on each message or exit (no polling interval)."""
+def wait_until(children: list[Child], reached: Callable[[Child], bool], what: str, timeout_s: float) -> None:
+    """Wait until every child has `reached` a point (said hello, is ready) while watching it is alive, so a crash
+    is a message, not a hang. Wakes on each message or exit (no polling interval)."""
     deadline = time.monotonic() + timeout_s
     while True:
         for child in children:
             child.poll_messages()
-            if not child.ready and not child.process.is_alive():
+            if not reached(child) and not child.process.is_alive():
                 child.poll_messages()
-                if not child.ready:
-                    raise UserError(f"{child.name} {describe_exit(child.process.exitcode)} before it was ready")
-        waiting = [child for child in children if not child.ready]
+                if not reached(child):
+                    raise UserError(f"{child.name} {describe_exit(child.process.exitcode)} before it was {what}")
+        waiting = [child for child in children if not reached(child)]
         if not waiting:
             return
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UserError(f"{', '.join(c.name for c in waiting)} not ready after {timeout_s:.0f} s")
+            raise UserError(f"{', '.join(c.name for c in waiting)} not {what} after {timeout_s:.0f} s")
         mp_connection.wait([c.conn for c in waiting] + [c.process.sentinel for c in waiting], timeout=left)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from sdxl_split.shared.embeddings import EmbeddingFormatError, decode_embeddings
+from sdxl_split.shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS  # noqa: F401
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part of this module's interface)
     MAX_CREDITS,
@@ -60,8 +61,6 @@ MAX_HEADER_BYTES = 64 * 1024
 # Full-size SDXL fp32 embeddings are about 1.3 MB a chunk of 77 tokens; 16 MiB holds the longest compiled prompt
 # (8 chunks, about 10.1 MB) without letting a peer make us allocate without bound.
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
 HIGH_WATER_MARK = 1000
 LINGER_MS = 1000
 _ENVELOPE = ("proto", "v", "type")

@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from sdxl_split.cli.main import cli as cli_group
 from sdxl_split.shared.embedding_cache import EmbeddingCache, Hit
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key, encoding_settings
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key, encoding_settings
 from sdxl_split.shared.models.resolve import resolve_model
 from sdxl_split.shared.prompts import PromptEntry
 

@@ -14,12 +14,15 @@ import torch
 from safetensors.torch import save
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
-from sdxl_split.denoiser_service.service import DenoiserSpec, job_reply, model_identity
+from sdxl_split.denoiser_service.service import job_reply
+from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import Embeddings, embedding_key, encoding_settings
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import embedding_key, encoding_settings
+from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model
 from sdxl_split.shared.prompts import PromptEntry, parse_prompt_file

@@ -9,8 +9,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, JobError
+from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.pipeline import configure_tiling, load_denoiser_pipeline
+from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.architectures import SDXL_VAE
 from sdxl_split.shared.models.resolve import resolve_model

@@ -129,7 +129,8 @@ def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:
     from sdxl_split.denoiser_service.denoise import Denoiser
     from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
     from sdxl_split.encoder_service.text_side import TextSide
-    from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+    from sdxl_split.shared.embeddings import Embeddings
+    from sdxl_split.shared.encoding_settings import EncodingSettings
     from sdxl_split.shared.memory import MemoryMeter
     from sdxl_split.shared.models.resolve import resolve_model
     from sdxl_split.shared.prompts import PromptEntry

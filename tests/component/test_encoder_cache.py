@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 
 from sdxl_split.cli.cache_cmd import Duration, DurationError
 from sdxl_split.cli.main import cli as cli_group
-from sdxl_split.shared.embeddings import TENSOR_NAMES, embedding_key
+from sdxl_split.shared.embeddings import TENSOR_NAMES
+from sdxl_split.shared.encoding_settings import embedding_key
 
 
 @pytest.fixture(scope="module")

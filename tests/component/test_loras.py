@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl_split.encoder_service.text_side import TextSide
-from sdxl_split.shared.embeddings import TENSOR_NAMES, encoding_settings, entry_key
+from sdxl_split.shared.embeddings import TENSOR_NAMES
+from sdxl_split.shared.encoding_settings import encoding_settings, entry_key
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.loras import parse_flag, strip_tags
 from sdxl_split.shared.models.resolve import resolve_model

@@ -17,7 +17,8 @@ from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
 from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunker, explain
 from sdxl_split.encoder_service.prompt_syntax import parse
 from sdxl_split.encoder_service.text_side import TextSide
-from sdxl_split.shared.embeddings import TENSOR_NAMES, Embeddings, encoding_settings, entry_key
+from sdxl_split.shared.embeddings import TENSOR_NAMES, Embeddings
+from sdxl_split.shared.encoding_settings import encoding_settings, entry_key
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import resolve_model
 from sdxl_split.shared.prompts import PromptEntry

@@ -12,12 +12,12 @@ import pytest
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.render_loop import job_files
-from sdxl_split.denoiser_service.service import DenoiserSpec, model_identity
+from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
 from sdxl_split.denoiser_service.work_plan import plan_jobs
 from sdxl_split.encoder_service.config import EncodeConfig
 from sdxl_split.ray_engine.stages import DenoiseStage, DenoiseStageSpec, EncodeStage, EncodeStageSpec
 from sdxl_split.shared import specs
-from sdxl_split.shared.embeddings import encoding_settings, entry_key
+from sdxl_split.shared.encoding_settings import encoding_settings, entry_key
 from sdxl_split.shared.models.resolve import resolve_model
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry

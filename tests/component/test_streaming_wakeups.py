@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from sdxl_split.encoder_service.dispatcher import LinkConfig
+from sdxl_split.encoder_service.config import LinkConfig
 from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.encoder_service.streaming import run_streaming_encode
 from sdxl_split.encoder_service.text_side import EncodedPrompt
 from sdxl_split.shared.embedding_cache import EmbeddingCache
-from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
 

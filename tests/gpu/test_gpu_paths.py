@@ -21,7 +21,8 @@ from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser, generators
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
 from sdxl_split.encoder_service.text_side import TextSide
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.loading import load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model

@@ -154,7 +154,8 @@ def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tm
     import torch
 
     from sdxl_split.shared import protocol as p
-    from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
+    from sdxl_split.shared.embeddings import Embeddings
+    from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key
     from sdxl_split.shared.prompts import PromptEntry
 
     endpoint = short_ipc_endpoint()

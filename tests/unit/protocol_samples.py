@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from sdxl_split.shared.embeddings import Embeddings, EncodingSettings, embedding_key
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings, embedding_key
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.protocol import Bye, Dead, Done, Error, Heartbeat, ImageDone, Ready
 

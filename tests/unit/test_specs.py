@@ -11,12 +11,11 @@ import zmq
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.render_loop import ModelIdentity
-from sdxl_split.denoiser_service.service import DenoiserSpec, ServeSpec
-from sdxl_split.encoder_service.config import EncodeConfig
-from sdxl_split.encoder_service.dispatcher import LinkConfig
-from sdxl_split.encoder_service.service import EncodeSpec
+from sdxl_split.denoiser_service.spec import DenoiserSpec, ServeSpec
+from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
+from sdxl_split.encoder_service.spec import EncodeSpec
 from sdxl_split.shared import specs
-from sdxl_split.shared.embeddings import EncodingSettings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
