@@ -133,6 +133,7 @@ def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
     renderer = Renderer(denoiser_loader(spec.denoiser, meter, notice), OutputDir(config.out_dir))
 
     def load() -> Callable[[p.Job], p.Done | p.Error]:
+        use_threads(spec.denoiser.threads)  # this is the render thread, where every job runs
         renderer.denoiser  # readiness means the model is loaded, not merely that we connected  # noqa: B018
         on_ready()
         notice(f"denoiser ready; taking jobs from {spec.endpoint}")

@@ -36,6 +36,8 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     def load():
         from sdxl_split.encoder_service.text_side import TextSide
 
+        use_threads(config.threads)  # this is the text-side thread, where every forward pass runs
+
         notice(f"loading text encoders of {spec.source.description} on {config.device} ({config.dtype})")
         return TextSide(spec.source, config.device, config.dtype, inversions=extras.inversions)
 
