@@ -4,8 +4,9 @@
     python benchmarks/split_overhead.py --encoder-full  # full-size random weights: encoder prompts/s and batch error
     python benchmarks/split_overhead.py --syntax-full   # full-size random weights: plain against a1111 on long prompts
 
-Ratios mode runs, on this machine, in one invocation, each figure the median of --pairs paired runs, every run a
-fresh process (or set of processes) with its own empty cache unless it says "cached":
+Ratios mode runs, on this machine, in one invocation, each figure the median of --pairs paired runs (each couple
+back to back, in alternating order), every run a fresh process (or set of processes) with its own empty cache
+unless it says "cached":
   monolith     a diffusers script: StableDiffusionXLPipeline(prompt=...) per prompt, PNGs written
   run          `sdxl-split run` from an empty cache
   run-cached   `sdxl-split run` with every embedding already cached
@@ -71,6 +72,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.last_cpu_s = 0.0  # CPU seconds of the process tree of the last timed run
+        self.last_out: Path | None = None  # the output folder of the last `run` or `render`
         self.root = Path(tempfile.mkdtemp(prefix="sdxl-split-overhead-"))
         self.models = self.root / "models-cache"
         # One built-in tiny model shared by every run's cache (symlinked), built once here.
@@ -105,11 +107,11 @@ class Bench:
         return time.perf_counter() - started
 
     def run(self, prompts: Path, cache: Path) -> float:
-        out = Path(tempfile.mkdtemp(dir=self.root))
+        out = self.last_out = Path(tempfile.mkdtemp(dir=self.root))
         return self._cli("--model", "tiny", "run", str(prompts), "--out", str(out), *self.render_flags(), cache=cache)
 
     def render(self, prompts: Path, cache: Path) -> float:
-        out = Path(tempfile.mkdtemp(dir=self.root))
+        out = self.last_out = Path(tempfile.mkdtemp(dir=self.root))
         return self._cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out),
                          *self.render_flags(), cache=cache)
 
@@ -133,6 +135,13 @@ class Bench:
         first = min(r["t"] for r in timed if r["event"] == "dispatched")
         last = max(r["t"] for r in timed if r["event"] == "done")
         return (last - first) / jobs * 1000.0
+
+
+def steady_s_per_image(out: Path) -> float:
+    """The median gap between consecutive images' manifest times: seconds per image once rendering runs, with no
+    start-up in it, and robust to the odd stall of a shared VM."""
+    times = sorted(json.loads(line)["time"] for line in (out / "manifest.jsonl").read_text().splitlines())
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def children_cpu_s() -> float:
@@ -163,11 +172,19 @@ def ratios(args: argparse.Namespace) -> dict:
 
     for pair in range(args.pairs):
         print(f"pair {pair + 1}/{args.pairs} ...", file=sys.stderr, flush=True)
-        timed("monolith", bench.monolith(prompts))
+        # Each compared couple runs back to back, first one way round, then the other on the next pair: the VM
+        # drifts within a pair too, and a fixed order would bill that drift to whichever always runs second.
         cache = bench.fresh_cache()
-        timed("run", bench.run(prompts, cache))
-        timed("run-cached", bench.run(prompts, cache))
-        timed("render", bench.render(prompts, cache))
+        if pair % 2 == 0:
+            timed("monolith", bench.monolith(prompts))
+            timed("run", bench.run(prompts, cache))
+            timed("run-cached", bench.run(prompts, cache))
+            timed("render", bench.render(prompts, cache))
+        else:
+            timed("run", bench.run(prompts, cache))
+            timed("monolith", bench.monolith(prompts))
+            timed("render", bench.render(prompts, cache))
+            timed("run-cached", bench.run(prompts, cache))
         timed("encode", bench.encode(prompts, bench.fresh_cache()))
         timed("encode-quarter", bench.encode(quarter, bench.fresh_cache()))
     median = {name: statistics.median(values) for name, values in rows.items()}
