@@ -102,7 +102,6 @@ class EncodeStage:
         self._text_side = None
         try:
             self.spec = specs.loads(EncodeStageSpec, spec_json)
-            use_threads(self.spec.config.threads)
             self.meter = MemoryMeter(cuda_device=cuda_index(self.spec.config.device))
             root = _shared_root(self.spec.cache_dir, self.spec.probe, "encoding", self.notes)
             self.cache = EmbeddingCache(root / "embeddings")

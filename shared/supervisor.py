@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from sdxl_split.shared.processes import Child, spawn_child, wait_for_exit, wait_until
 
-# Covers a first-time torch import on a cold disk, and a model load (CPU offload of full SDXL, say).
+# A child's hello comes after its torch import: seconds, or minutes the first time on a cold, slow disk.
 HELLO_TIMEOUT_S = 600.0
+# Readiness comes after the model load (minutes for full SDXL with CPU offload).
 READY_TIMEOUT_S = 1800.0
 # After the encoder has finished: denoisers answer its BYE, or finish their drain, within this.
 EXIT_TIMEOUT_S = 30.0
