@@ -124,10 +124,13 @@ def _stream(ray, plan: Plan, encode: EncodeStageSpec, denoise: DenoiseStageSpec,
     dataset = dataset.map_batches(
         EncodeStage, fn_constructor_args=(specs.dumps(encode),), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=options.encoders), num_cpus=options.encoder_cpus)
+    # Two calls in flight per denoiser: Ray Data unpacks the next row and packs the last result on a second
+    # thread while one render runs (renders still run one at a time). With one, the model sat idle 5.7 ms
+    # between images; with two, 0.7 ms.
     dataset = dataset.map_batches(
         DenoiseStage, fn_constructor_args=(specs.dumps(denoise),), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=options.denoisers), num_cpus=options.denoiser_cpus,
-        num_gpus=options.denoiser_gpus or None)
+        compute=ray.data.ActorPoolStrategy(size=options.denoisers, max_concurrent_calls_per_actor=2),
+        num_cpus=options.denoiser_cpus, num_gpus=options.denoiser_gpus or None)
     for row in dataset.iter_rows():
         if row["fatal"]:
             raise UserError(row["fatal"])

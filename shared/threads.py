@@ -50,3 +50,20 @@ def run_threads(encoder_on_cpu: bool, denoisers: int, denoisers_on_cpu: bool,
     if denoisers_on_cpu:
         return 1, max(1, cores // denoisers)
     return (max(1, cores - denoisers) if encoder_on_cpu else 1), 1
+
+
+def yield_cores() -> None:
+    """Drop every thread of this process to the lowest CPU priority (nice 19), for good: for a process whose work
+    is done but whose exit still costs CPU, beside processes that are still working. On Linux a nice value
+    belongs to a thread, so each one is lowered, not only the caller."""
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the whole process, as POSIX means it
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except OSError:
+            pass  # a thread that ended meanwhile

@@ -113,3 +113,18 @@ def test_a_node_without_the_drivers_folders_or_model_answers_with_a_fatal_row(se
 
     unshared = EncodeStage(specs.dumps(replace(encode, probe=".not-there")))(batch)
     assert not unshared["error"][0] and "is not the driver's folder" in unshared["notes"][0]
+
+
+def test_an_encoder_stage_outside_a_ray_actor_leaves_its_process_priority_alone(setup):
+    """In a Ray actor, a collected EncodeStage lowers its process to nice 19 for the teardown; a test, a notebook or
+    any other host process that builds one must keep its own priority."""
+    import gc
+    import os
+
+    encode, denoise = setup
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    stage = EncodeStage(specs.dumps(encode))
+    stage(batch_of(entries("a fox"), encode, denoise))
+    del stage
+    gc.collect()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
