@@ -8,6 +8,7 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -40,6 +41,11 @@ MAX_CHUNKS = 8
 MAX_SEQ_LEN = CHUNK_LEN * MAX_CHUNKS
 MAX_WIDTH = 8192
 MAX_HEADER_BYTES = 64 * 1024
+
+
+# Per dtype: the same-sized integer view and the exponent bits; all of them set means Inf or NaN.
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
+                  torch.bfloat16: (torch.int16, 0x7F80)}
 
 
 class EmbeddingFormatError(ValueError):
@@ -201,6 +207,16 @@ def _inversions(raw: list) -> tuple[tuple[str, str], ...]:
     return tuple((token, digest) for token, digest in raw)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """torch.isfinite(tensor).all(), read from the bits with numpy. Records are decoded on socket threads, and a
+    torch op on a full-size record (157k values) starts an OpenMP team on that thread: with two teams in one
+    process, libgomp all but stops spin-waiting and the model's own team slows down (0.58 s an image against
+    0.33, measured with Ray). numpy starts no threads."""
+    as_int, exponent = _EXPONENT_BITS[tensor.dtype]
+    bits = tensor.contiguous().view(as_int).numpy()
+    return not bool(np.any((bits & exponent) == exponent))
+
+
 def decode_embeddings(data: bytes, expected_key: str | None = None) -> Embeddings:
     """Validate everything (layout, metadata, key) and only then materialise the tensors."""
     header, body_start = _header(data)
@@ -216,6 +232,6 @@ def decode_embeddings(data: bytes, expected_key: str | None = None) -> Embedding
         raise EmbeddingFormatError(f"safetensors body is unreadable: {err}") from None
     if tensors_digest(tensors) != header["__metadata__"].get("tensors_sha256"):
         raise EmbeddingFormatError("tensor data does not match its recorded sha256 (corrupted)")
-    if not all(bool(torch.isfinite(tensors[name]).all()) for name in TENSOR_NAMES):
+    if not all(_all_finite(tensors[name]) for name in TENSOR_NAMES):
         raise EmbeddingFormatError("tensors hold NaN or Inf")
     return Embeddings(key=key, texts=texts, settings=settings, tensors=tensors, truncated=truncated)
