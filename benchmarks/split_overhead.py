@@ -1,12 +1,12 @@
 """Benchmark: what splitting SDXL into an encoder and denoisers costs against one diffusers process.
 
-    python benchmarks/split_overhead.py                 # tiny model: the ratios (about 5 minutes on 2 cores)
+    python benchmarks/split_overhead.py                 # tiny model: the ratios (about 11 minutes on 2 cores)
     python benchmarks/split_overhead.py --encoder-full  # full-size random weights: encoder prompts/s and batch error
     python benchmarks/split_overhead.py --syntax-full   # full-size random weights: plain against a1111 on long prompts
 
-Ratios mode runs, on this machine, in one invocation, each figure the median of --pairs paired runs (each couple
-back to back, in alternating order), every run a fresh process (or set of processes) with its own empty cache
-unless it says "cached":
+Ratios mode runs, on this machine, in one invocation, each ratio the median over --pairs pairs, each pair running
+the compared couples A B B A (monolith and run; run-cached and render), every run a fresh process (or set of
+processes) with its own empty cache unless it says "cached":
   monolith     a diffusers script: StableDiffusionXLPipeline(prompt=...) per prompt, PNGs written
   run          `sdxl-split run` from an empty cache
   run-cached   `sdxl-split run` with every embedding already cached
@@ -170,21 +170,25 @@ def ratios(args: argparse.Namespace) -> dict:
         rows[name].append(seconds)
         cpu[name].append(bench.last_cpu_s)
 
+    # Untimed: the first process to import diffusers after a change reads and compiles cold files (one monolith
+    # took 32.7 s, the next 5.7).
+    bench.monolith(quarter)
+    bench.run(quarter, bench.fresh_cache())
     for pair in range(args.pairs):
         print(f"pair {pair + 1}/{args.pairs} ...", file=sys.stderr, flush=True)
-        # Each compared couple runs back to back, first one way round, then the other on the next pair: the VM
-        # drifts within a pair too, and a fixed order would bill that drift to whichever always runs second.
+        # A B B A: each compared couple runs twice, its two sides symmetric about the middle of the pair. This VM's
+        # speed drifts by 10 to 20% over minutes (the same render took 21.1 to 31.2 s within ten minutes); a drift
+        # that is linear over the pair then cancels in each side's sum, where alternating the order between pairs
+        # only evened it out across them.
         cache = bench.fresh_cache()
-        if pair % 2 == 0:
-            timed("monolith", bench.monolith(prompts))
-            timed("run", bench.run(prompts, cache))
-            timed("run-cached", bench.run(prompts, cache))
-            timed("render", bench.render(prompts, cache))
-        else:
-            timed("run", bench.run(prompts, cache))
-            timed("monolith", bench.monolith(prompts))
-            timed("render", bench.render(prompts, cache))
-            timed("run-cached", bench.run(prompts, cache))
+        timed("monolith", bench.monolith(prompts))
+        timed("run", bench.run(prompts, cache))
+        timed("run-cached", bench.run(prompts, cache))
+        timed("render", bench.render(prompts, cache))
+        timed("render", bench.render(prompts, cache))
+        timed("run-cached", bench.run(prompts, cache))
+        timed("run", bench.run(prompts, bench.fresh_cache()))
+        timed("monolith", bench.monolith(prompts))
         timed("encode", bench.encode(prompts, bench.fresh_cache()))
         timed("encode-quarter", bench.encode(quarter, bench.fresh_cache()))
     median = {name: statistics.median(values) for name, values in rows.items()}
@@ -194,8 +198,9 @@ def ratios(args: argparse.Namespace) -> dict:
     median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
 
     def paired(a: str, b: str) -> float:
-        """Median of the per-pair ratios: each pair ran back to back, so drift between pairs cancels."""
-        return statistics.median(x / y for x, y in zip(rows[a], rows[b], strict=True))
+        """Median over the pairs of a's two runs over b's: drift between pairs, and linear drift within one, cancel."""
+        return statistics.median((rows[a][k] + rows[a][k + 1]) / (rows[b][k] + rows[b][k + 1])
+                                 for k in range(0, len(rows[a]), 2))
 
     return {
         "seconds": rows, "median_s": median, "cpu_seconds": cpu, "median_cpu_s": median_cpu,
@@ -220,7 +225,8 @@ def markdown(payload: dict) -> str:
     setup = payload["setup"]
     lines = [f"# Split overhead, {setup['date']} ({setup['cpu']}, {setup['cores']} cores)", "",
              f"- tiny model (random weights), {setup['prompts']} prompts, {setup['size']}x{setup['size']}, "
-             f"{setup['steps']} steps; medians of {setup['pairs']} paired runs, each a fresh process with an empty "
+             f"{setup['steps']} steps; {setup['pairs']} pairs, each running its compared couples A B B A (ratios: "
+             "median over the pairs of one side's two runs over the other's); every run a fresh process with an empty "
              "cache unless cached; CPU s = user + system time of the whole process tree", "",
              "| what | median s | runs (s) | median CPU s |", "| --- | ---: | --- | ---: |"]
     for name, values in payload["seconds"].items():
