@@ -3,8 +3,10 @@ name and hash, and the stage classes pass records as validated JOB frames and fa
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,9 +120,6 @@ def test_a_node_without_the_drivers_folders_or_model_answers_with_a_fatal_row(se
 def test_an_encoder_stage_outside_a_ray_actor_leaves_its_process_priority_alone(setup):
     """In a Ray actor, a collected EncodeStage lowers its process to nice 19 for the teardown; a test, a notebook or
     any other host process that builds one must keep its own priority."""
-    import gc
-    import os
-
     encode, denoise = setup
     before = os.getpriority(os.PRIO_PROCESS, 0)
     stage = EncodeStage(specs.dumps(encode))
