@@ -40,10 +40,14 @@ ROWS: tuple[Row, ...] = (
         "default + model CPU offload"),
     Row("sequential-offload", "baseline + sequential CPU offload", "denoiser", {**BASELINE, "offload": "sequential"},
         "default + sequential CPU offload"),
-    Row("group-offload", "baseline + group offload (leaf level, streamed, record_stream)", "denoiser",
+    Row("group-offload", "baseline + group offload (UNet blocks of <= 128 MiB, streamed)", "denoiser",
         {**BASELINE, "offload": "group"}),
     Row("group-offload-tiny", "baseline + group offload + tiny VAE + slicing", "denoiser",
         {**BASELINE, "offload": "group", "vae": "tiny", "vae_slicing": True}),
+    # The same with every layer its own group: what --offload group did before it grouped by size.
+    Row("group-offload-tiny-layers", "baseline + group offload, each layer a group (--offload-group-mib 0) + tiny "
+        "VAE + slicing", "denoiser",
+        {**BASELINE, "offload": "group", "offload_group_mib": 0, "vae": "tiny", "vae_slicing": True}),
     Row("vae-slicing", "baseline + VAE slicing", "denoiser", {**BASELINE, "vae_slicing": True},
         "default + VAE slicing"),
     Row("vae-slicing-sequential", "baseline + VAE slicing + sequential CPU offload", "denoiser",

@@ -63,7 +63,9 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
     \b
     Rows (fp16/SDPA "baseline" as in the seed; denoiser rows hold UNet + VAE only):
       fp32-classic, fp16-classic, fp16-sdpa, compile, model-offload, sequential-offload,
-      group-offload, vae-slicing, vae-slicing-sequential, tiny-vae, tiny-vae-slicing,
+      group-offload, group-offload-tiny, group-offload-tiny-layers (each layer a group),
+      vae-slicing, vae-slicing-sequential, tiny-vae, tiny-vae-slicing,
+      tiny-vae-slicing-unet-batch (guidance halves through the UNet in turn),
       bf16-sdpa, fast (bf16 + fused QKV + channels_last), fast-compile, fast-compile-tiny,
       fast-autotune (PyTorch's "Diffusion, Fast" minus int8),
       encoder (text side alone), monolith (everything in one process)

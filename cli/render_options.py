@@ -12,6 +12,7 @@ from sdxl_split.cli.options import apply_options
 from sdxl_split.denoiser_service.config import (
     ATTENTION,
     COMPILE_MODES,
+    DEFAULT_OFFLOAD_GROUP_MIB,
     OFFLOAD,
     SCHEDULERS,
     VAE_KINDS,
@@ -62,8 +63,12 @@ def render_options(func):
         click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (see --vae-tile-size)."),
         click.option("--vae-tile-size", type=int, default=512, show_default=True, help="Tile size in pixels."),
         click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
-                     help="CPU offload: model (whole models), sequential (every layer), group (every layer, the "
-                          "next one uploading on a side stream while this one computes)."),
+                     help="CPU offload: model (whole models), sequential (every layer), group (blocks of at most "
+                          "--offload-group-mib, the next one uploading on a side stream while this one computes)."),
+        click.option("--offload-group-mib", type=click.IntRange(0, 1 << 20), default=None,
+                     help="With --offload group: most MiB of UNet weights per upload. Larger groups are faster and "
+                          f"hold more GPU memory; 0 makes each layer a group [default: {DEFAULT_OFFLOAD_GROUP_MIB}, "
+                          "one transformer or ResNet block of SDXL]."),
         click.option("--unet-batch", type=click.IntRange(1, 128), default=None,
                      help="Most rows per UNet call. Guidance doubles the batch (4 images = 8 rows); 4 runs the "
                           "two halves one after the other: half the UNet's activation memory, a few % slower; "
@@ -96,8 +101,8 @@ def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None 
         compile=kw["compile_unet"], compile_mode=kw["compile_mode"], compile_vae=kw["compile_vae"],
         channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
         vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
-        offload=kw["offload"], unet_batch=kw["unet_batch"], steps=kw["steps"], guidance=kw["guidance"],
-        width=width, height=height,
+        offload=kw["offload"], offload_group_mib=kw["offload_group_mib"], unet_batch=kw["unet_batch"],
+        steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
     )
     validate(config, remote or cuda_devices > 0)

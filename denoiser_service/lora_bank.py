@@ -61,6 +61,14 @@ class LoraBank:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return name
+        # Imported here: they import diffusers, which a denoiser with nothing to render never loads.
+        from sdxl_split.denoiser_service.fused_projections import has_fused_projections
+        from sdxl_split.denoiser_service.offload_groups import reapply_sized_group_offload
+
+        if has_fused_projections(self.pipe.unet):
+            raise JobError(f"LoRA {use.name} cannot be switched in on a denoiser with --fuse-qkv: its q/k/v layers "
+                           "are fused into new ones the LoRA does not reach; run this denoiser with --fuse-lora "
+                           "(the LoRA is fused first) or without --fuse-qkv")
         lora = self.finder.by_hash(use)
         if lora is None:
             where = f"under --lora-dir {self.finder.lora_dir}" if self.finder.lora_dir else "(no --lora-dir is set)"
@@ -73,6 +81,8 @@ class LoraBank:
                                           _pipeline=self.pipe, low_cpu_mem_usage=True)
         except (ValueError, KeyError, RuntimeError, OSError) as err:
             raise JobError(f"LoRA {lora.path} cannot be read by diffusers ({first_line(err)})") from None
+        # With --offload group, diffusers has just re-applied offload with its own (per-layer) grouping.
+        reapply_sized_group_offload(self.pipe.unet)
         self._loaded[name] = None
         keep_names = {f"lora_{sha[:16]}" for sha, _ in keep}
         while len(self._loaded) > self.capacity:

@@ -10,6 +10,8 @@ from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
 from sdxl_split.denoiser_service.denoise import needs_fp32_decode
+from sdxl_split.denoiser_service.fused_projections import fuse_projections
+from sdxl_split.denoiser_service.offload_groups import apply_sized_group_offload
 from sdxl_split.denoiser_service.unet_batch import limit_unet_batch
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError, first_line
@@ -61,7 +63,9 @@ def use_scheduler(pipe: StableDiffusionXLPipeline, name: str) -> None:
         pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
+def load_weights(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
+    """UNet, VAE and scheduler as --dtype and --attention ask, still on the CPU and unchanged otherwise: the point
+    where LoRAs can be fused into the weights (see `place`)."""
     dtype = DTYPES[config.dtype]
     extra = {}
     if config.vae == "tiny":
@@ -73,9 +77,20 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
         pipe.unet.set_default_attn_processor()
         if hasattr(pipe.vae, "set_default_attn_processor"):
             pipe.vae.set_default_attn_processor()
+    return pipe
+
+
+def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffusionXLPipeline:
+    """Apply the rest of the options: fused projections, VAE slicing or tiling, the device or an offload, the UNet
+    batch limit, channels_last and compilation. Each of these copies or wraps the weights, so a LoRA fused after
+    them would not reach what runs."""
     if config.fuse_qkv:
         # Before offload hooks wrap the modules; the tiny VAE has no attention to fuse.
-        pipe.fuse_qkv_projections(unet=True, vae=config.vae == "full")
+        fuse_projections(pipe, vae=config.vae == "full")
+    if config.channels_last:
+        # Before any offload pins its copies of the weights, so that the copies are NHWC too.
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     if config.vae_slicing:
         pipe.vae.enable_slicing()
     if config.vae_tiling:
@@ -90,24 +105,25 @@ def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableD
             # Group offload uploads the copies it pinned at setup, so a later vae.to(float32) never reaches
             # the GPU: upcast once, before the copies are made.
             pipe.vae.to(torch.float32)
-        # Leaf-level groups with a side stream: the next layer uploads while this one computes. Block-level
-        # groups would hold a whole top-level block, and SDXL's 1280-wide up block alone is ~2 GiB in fp16.
+        apply_sized_group_offload(pipe.unet, device, config.offload_group_bytes())
+        # The VAE runs once per image, so its ~250 layers may each be a group (diffusers' leaf level).
         # record_stream: without it every layer's offload waits for the GPU to finish (a full device sync per
-        # layer, ~1,700 per UNet pass), so the CPU can never run ahead to queue the next upload.
-        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="leaf_level", use_stream=True, non_blocking=True,
-                                  record_stream=True)
+        # layer), so the CPU can never run ahead to queue the next upload.
+        pipe.vae.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                      offload_type="leaf_level", use_stream=True, non_blocking=True,
+                                      record_stream=True)
     else:
         pipe.to(device)
     if config.unet_batch is not None:
         limit_unet_batch(pipe.unet, config.unet_batch)
-    if config.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
     if config.compile or config.compile_vae:
         compile_modules(pipe, config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
+    return place(load_weights(source, config), config)
 
 
 def compile_modules(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> None:

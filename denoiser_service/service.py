@@ -32,7 +32,7 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
     config = spec.config
 
     def load() -> Denoiser:
-        from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+        from sdxl_split.denoiser_service.pipeline import load_weights, place
 
         notice(f"loading UNet + {config.vae} VAE of {spec.source.description} on {config.device} ({config.dtype}, "
                f"attention {config.attention}, offload {config.offload})")
@@ -40,12 +40,14 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
             notice("--compile: the first image compiles (slow; minutes with max-autotune); a new size or batch "
                    "recompiles")
         with meter.phase("load"):
-            pipe = load_denoiser_pipeline(spec.source, config)
+            pipe = load_weights(spec.source, config)
             finder = LoraFinder(spec.extras.lora_dir, spec.cache_dir)
             bank = LoraBank(pipe, finder, spec.lora_cache)
             if spec.fuse_lora:
+                # Into the plain weights, before fused projections, offload copies or compilation take them over.
                 loras = [(finder.find(name), scale) for name, scale in spec.extras.run_loras]
                 bank.fuse(tuple(lora.use(scale) for lora, scale in loras if lora.unet))
+            place(pipe, config)
         return Denoiser(pipe, config, meter, loras=bank)
 
     return load

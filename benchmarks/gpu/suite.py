@@ -48,9 +48,9 @@ PARTS = {
             rows=("encoder", "fp16-sdpa", "tiny-vae-slicing", "group-offload-tiny", "monolith")),
     # fast-autotune is left out: max-autotune's kernel search for the UNet alone outlasts a call.
     2: Part(tests=False, repeats=1,
-            rows=("fast-compile-tiny", "compile", "group-offload", "model-offload", "sequential-offload",
-                  "vae-slicing-sequential", "tiny-vae", "vae-slicing", "bf16-sdpa", "fast", "fp16-classic",
-                  "fp32-classic", "fast-compile"),
+            rows=("fast-compile-tiny", "group-offload-tiny-layers", "compile", "group-offload", "model-offload",
+                  "sequential-offload", "vae-slicing-sequential", "tiny-vae", "vae-slicing", "bf16-sdpa", "fast",
+                  "fp16-classic", "fp32-classic", "fast-compile"),
             row_steps=("sequential-offload=5", "fp32-classic=3", "vae-slicing-sequential=5")),
 }
 

@@ -155,6 +155,34 @@ def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:
     assert RenderConfig(unet_batch=4).pixel_settings() != RenderConfig().pixel_settings()
 
 
+def test_fused_qkv_renders_the_same_and_keeps_no_unfused_copies(tiny_dir: Path) -> None:
+    from sdxl_split.denoiser_service.config import RenderConfig
+    from sdxl_split.denoiser_service.denoise import Denoiser
+    from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+    from sdxl_split.encoder_service.text_side import TextSide
+    from sdxl_split.shared.embeddings import Embeddings
+    from sdxl_split.shared.encoding_settings import EncodingSettings
+    from sdxl_split.shared.memory import MemoryMeter
+    from sdxl_split.shared.models.resolve import resolve_model
+    from sdxl_split.shared.prompts import PromptEntry
+
+    source = resolve_model(str(tiny_dir), tiny_dir.parent.parent)
+    entry = PromptEntry(line=1, prompt="a red bicycle", negative_prompt="blurry")
+    tensors = TextSide(source, "cpu", "fp32").encode([entry], clip_skip=None)[0].tensors
+    record = Embeddings(key="0" * 64, texts=entry.texts(), tensors=tensors,
+                        settings=EncodingSettings(fingerprint="t", clip_skip=None, dtype="fp32", force_zeros=True))
+    images, weights = {}, {}
+    for fused in (False, True):
+        config = RenderConfig(width=64, height=64, steps=2, fuse_qkv=fused)
+        pipe = load_denoiser_pipeline(source, config)
+        weights[fused] = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae")}
+        images[fused] = np.stack([np.array(i) for i in Denoiser(pipe, config, MemoryMeter()).render(
+            record, seed=5, count=2).images])
+    # One matmul for q, k and v holds exactly their weights: diffusers' copies of the separate ones are gone.
+    assert weights[True] == weights[False]
+    assert np.abs(images[True].astype(int) - images[False].astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [

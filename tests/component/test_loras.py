@@ -163,3 +163,35 @@ def test_fuse_lora_renders_its_set_and_refuses_jobs_that_need_another(cli, tmp_p
     assert "has LoRAs fused (--fuse-lora: style:0.8)" in result.stderr
     assert "needs style:0.8, detail:0.5" in result.stderr
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_fuse_lora_with_fused_qkv_reaches_the_fused_projections(cli, tmp_path: Path, tiny_dir: Path,
+                                                               assets: Path) -> None:
+    """The LoRA is fused into q, k and v before they are concatenated; fused after, it would miss them."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    flags = ["--lora", "style:0.8", "--lora-dir", str(assets)]
+    assert cli("--model", "tiny", "encode", str(prompts), *flags).returncode == 0
+    out = tmp_path / "o"
+    result = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), *RENDER, *flags,
+                 "--fuse-lora", "--fuse-qkv")
+    assert result.returncode == 0, result.stderr
+    [png] = out.glob("*.png")
+    fused = np.array(Image.open(png))
+    expected = monolith(tiny_dir, assets, "a cat", None, [("style", 0.8)], inversion=False)
+    without_lora = monolith(tiny_dir, assets, "a cat", None, [], inversion=False)
+    # Fused weights and one matmul for q/k/v reassociate float sums: a level in 255 at most.
+    assert np.abs(fused.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(fused.astype(int) - without_lora.astype(int)).max() > 1, "the LoRA must change the image"
+
+
+def test_a_per_job_lora_on_a_fused_qkv_denoiser_is_refused_not_ignored(cli, tmp_path: Path, assets: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog <lora:style:0.5>\n")
+    flags = ["--lora-dir", str(assets)]
+    assert cli("--model", "tiny", "encode", str(prompts), *flags).returncode == 0
+    result = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(tmp_path / "o"), *RENDER,
+                 *flags, "--fuse-qkv")
+    assert result.returncode == 3, result.stderr
+    assert "cannot be switched in on a denoiser with --fuse-qkv" in result.stderr
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
