@@ -64,6 +64,11 @@ ROWS: tuple[Row, ...] = (
     Row("fast", "bf16 + SDPA + fused QKV + channels_last", "denoiser", FAST),
     Row("fast-compile", "fast + torch.compile UNet and VAE decoder", "denoiser", FAST_COMPILED),
     Row("fast-compile-tiny", "fast + torch.compile + tiny VAE", "denoiser", {**FAST_COMPILED, "vae": "tiny"}),
+    # The last step of "Diffusion, Fast": dynamic quantization of the linear layers (int8 there; fp8 on Hopper).
+    Row("fast-compile-tiny-fp8", "fast + torch.compile + tiny VAE + fp8 linears (torchao)", "denoiser",
+        {**FAST_COMPILED, "vae": "tiny", "quantize": "fp8"}),
+    Row("fast-compile-tiny-int8", "fast + torch.compile + tiny VAE + int8 linears (torchao)", "denoiser",
+        {**FAST_COMPILED, "vae": "tiny", "quantize": "int8"}),
     Row("fast-autotune", "fast + torch.compile max-autotune (Diffusion, Fast minus int8)", "denoiser",
         {**FAST_COMPILED, "compile_mode": "max-autotune"}),
     Row("encoder", "encoder process: tokenizers + 2 CLIP text encoders", "encoder"),

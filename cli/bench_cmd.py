@@ -67,6 +67,7 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
       vae-slicing, vae-slicing-sequential, tiny-vae, tiny-vae-slicing,
       tiny-vae-slicing-unet-batch (guidance halves through the UNet in turn),
       bf16-sdpa, fast (bf16 + fused QKV + channels_last), fast-compile, fast-compile-tiny,
+      fast-compile-tiny-fp8, fast-compile-tiny-int8 (torchao quantized linears),
       fast-autotune (PyTorch's "Diffusion, Fast" minus int8),
       encoder (text side alone), monolith (everything in one process)
 

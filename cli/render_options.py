@@ -14,6 +14,7 @@ from sdxl_split.denoiser_service.config import (
     COMPILE_MODES,
     DEFAULT_OFFLOAD_GROUP_MIB,
     OFFLOAD,
+    QUANTIZE,
     SCHEDULERS,
     VAE_KINDS,
     RenderConfig,
@@ -65,6 +66,10 @@ def render_options(func):
         click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
                      help="CPU offload: model (whole models), sequential (every layer), group (blocks of at most "
                           "--offload-group-mib, the next one uploading on a side stream while this one computes)."),
+        click.option("--quantize", type=click.Choice(QUANTIZE), default="none", show_default=True,
+                     help="torchao dynamic quantization of the UNet's linear layers (pip install "
+                          "'sdxl-split[quant]'): int8 (\"Diffusion, Fast\"), or fp8 on Ada/Hopper GPUs. Changes "
+                          "the pixels a little; pair it with --compile, which fuses the activations' scaling."),
         click.option("--offload-group-mib", type=click.IntRange(0, 1 << 20), default=None,
                      help="With --offload group: most MiB of UNet weights per upload. Larger groups are faster and "
                           f"hold more GPU memory; 0 makes each layer a group [default: {DEFAULT_OFFLOAD_GROUP_MIB}, "
@@ -102,6 +107,7 @@ def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None 
         channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
         vae_slicing=kw["vae_slicing"], vae_tiling=kw["vae_tiling"], vae_tile_size=kw["vae_tile_size"],
         offload=kw["offload"], offload_group_mib=kw["offload_group_mib"], unet_batch=kw["unet_batch"],
+        quantize=kw["quantize"],
         steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from sdxl_split.shared.prompts import MAX_SEED
 ATTENTION = ("sdpa", "default")
 VAE_KINDS = ("full", "tiny")
 OFFLOAD = ("none", "model", "sequential", "group")
+QUANTIZE = ("none", "int8", "fp8")
+FP8_NEEDS_GPU = "--quantize fp8 needs a CUDA GPU with fp8 tensor cores (Ada or Hopper); on the CPU use --quantize int8"
 # CLI name -> (diffusers scheduler class, extra config, A1111 sampler name for PNG metadata).
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
@@ -56,6 +59,8 @@ class RenderConfig:
     offload: str = "none"
     # --offload group: most MiB of UNet weights per upload; 0 makes each layer its own group. None: the default.
     offload_group_mib: int | None = None
+    # torchao dynamic quantization of the UNet's linear layers: none, int8 or fp8.
+    quantize: str = "none"
     # Most rows per UNet call (guidance doubles the batch); None: the whole batch in one call.
     unet_batch: int | None = None
     steps: int = 25
@@ -79,6 +84,7 @@ class RenderConfig:
             "channels_last": self.channels_last, "fuse_qkv": self.fuse_qkv,
             # Only when set, so that the names of images rendered before the option existed stay the same.
             **({"unet_batch": self.unet_batch} if self.unet_batch is not None else {}),
+            **({"quantize": self.quantize} if self.quantize != "none" else {}),
         }
 
     def offload_group_bytes(self) -> int:
@@ -118,6 +124,16 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
     if config.offload != "none" and not on_gpu:
         raise UserError(f"--offload {config.offload} moves weights between CPU and GPU, so it needs --device cuda")
+    if config.quantize not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}")
+    if config.quantize != "none" and config.offload != "none":
+        raise UserError(f"--quantize {config.quantize} cannot be combined with --offload {config.offload} yet: "
+                        "the offload hooks copy plain tensors, not torchao's quantized ones; pick one")
+    if config.quantize == "fp8" and not on_gpu:
+        raise UserError(FP8_NEEDS_GPU)
+    if config.quantize != "none" and importlib.util.find_spec("torchao") is None:
+        raise UserError(f"--quantize {config.quantize} needs torchao; install it with pip install "
+                        "'sdxl-split[quant]'")
     if config.offload_group_mib is not None and config.offload != "group":
         raise UserError("--offload-group-mib sizes the groups of --offload group; add --offload group")
     compiling = config.compile or config.compile_vae

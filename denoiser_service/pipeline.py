@@ -12,6 +12,7 @@ from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, Rend
 from sdxl_split.denoiser_service.denoise import needs_fp32_decode
 from sdxl_split.denoiser_service.fused_projections import fuse_projections
 from sdxl_split.denoiser_service.offload_groups import apply_sized_group_offload
+from sdxl_split.denoiser_service.quantize import quantize_unet
 from sdxl_split.denoiser_service.unet_batch import limit_unet_batch
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError, first_line
@@ -116,6 +117,10 @@ def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffus
         pipe.to(device)
     if config.unet_batch is not None:
         limit_unet_batch(pipe.unet, config.unet_batch)
+    if config.quantize != "none":
+        # On the device, where the per-row scales are computed fast; before compile, which fuses the activations'
+        # quantization into the op before each matmul.
+        quantize_unet(pipe.unet, config.quantize)
     if config.compile or config.compile_vae:
         compile_modules(pipe, config)
     pipe.set_progress_bar_config(disable=True)

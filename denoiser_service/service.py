@@ -35,7 +35,8 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
         from sdxl_split.denoiser_service.pipeline import load_weights, place
 
         notice(f"loading UNet + {config.vae} VAE of {spec.source.description} on {config.device} ({config.dtype}, "
-               f"attention {config.attention}, offload {config.offload})")
+               f"attention {config.attention}, offload {config.offload}"
+               f"{'' if config.quantize == 'none' else ', quantize ' + config.quantize})")
         if config.compile or config.compile_vae:
             notice("--compile: the first image compiles (slow; minutes with max-autotune); a new size or batch "
                    "recompiles")

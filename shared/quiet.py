@@ -24,7 +24,10 @@ def quiet_libraries(verbosity: int) -> None:
     # Read by each library when it sets up its logger, i.e. whenever it is first imported.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("huggingface_hub", "accelerate", "torch._dynamo", "torch._inductor"):
+    # torchao, imported by diffusers and transformers whenever it is installed, warns about each of its optional
+    # CUDA extensions that this machine cannot load, and registers enums that torch then calls deprecated.
+    for name in ("huggingface_hub", "accelerate", "torch._dynamo", "torch._inductor", "torchao",
+                 "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     quiet_loaded()
 

@@ -15,7 +15,16 @@ from conftest import cli_env, run_cli
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 from PIL import Image
 
+from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.outputs import read_png_metadata
+from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.encoder_service.text_side import TextSide
+from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings
+from sdxl_split.shared.memory import MemoryMeter
+from sdxl_split.shared.models.resolve import resolve_model
+from sdxl_split.shared.prompts import PromptEntry
 
 PROMPTS = [
     {"prompt": "a photo of a cat", "seed": 3},
@@ -124,63 +133,70 @@ def test_classic_attention_and_vae_slicing_match_defaults(cli, tmp_path: Path) -
         assert np.abs(other.astype(int) - base.astype(int)).max() <= 1
 
 
-def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:
-    from sdxl_split.denoiser_service.config import RenderConfig
-    from sdxl_split.denoiser_service.denoise import Denoiser
-    from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
-    from sdxl_split.encoder_service.text_side import TextSide
-    from sdxl_split.shared.embeddings import Embeddings
-    from sdxl_split.shared.encoding_settings import EncodingSettings
-    from sdxl_split.shared.memory import MemoryMeter
-    from sdxl_split.shared.models.resolve import resolve_model
-    from sdxl_split.shared.prompts import PromptEntry
-
+def _bicycle_record(tiny_dir: Path):
+    """The tiny model and one prompt's embeddings, encoded in process, for tests that load the denoiser here."""
     source = resolve_model(str(tiny_dir), tiny_dir.parent.parent)
     entry = PromptEntry(line=1, prompt="a red bicycle", negative_prompt="blurry")
     tensors = TextSide(source, "cpu", "fp32").encode([entry], clip_skip=None)[0].tensors
-    record = Embeddings(key="0" * 64, texts=entry.texts(), tensors=tensors,
-                        settings=EncodingSettings(fingerprint="t", clip_skip=None, dtype="fp32", force_zeros=True))
+    return source, Embeddings(key="0" * 64, texts=entry.texts(), tensors=tensors,
+                              settings=EncodingSettings(fingerprint="t", clip_skip=None, dtype="fp32",
+                                                        force_zeros=True))
+
+
+def _render_in_process(source, record, config: RenderConfig, count: int = 2, before=None) -> tuple[object, np.ndarray]:
+    pipe = load_denoiser_pipeline(source, config)
+    if before is not None:
+        before(pipe)
+    images = Denoiser(pipe, config, MemoryMeter()).render(record, seed=5, count=count).images
+    return pipe, np.stack([np.array(image) for image in images]).astype(int)
+
+
+def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:
+    source, record = _bicycle_record(tiny_dir)
     images = {}
     for rows in (None, 3):
-        config = RenderConfig(width=64, height=64, steps=2, unet_batch=rows)
-        pipe = load_denoiser_pipeline(source, config)
         seen: list[int] = []
-        pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].shape[0]))
-        images[rows] = np.stack([np.array(i) for i in Denoiser(pipe, config, MemoryMeter()).render(
-            record, seed=5, count=3).images])
+
+        def count_rows(pipe, seen=seen) -> None:
+            pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+
+        _, images[rows] = _render_in_process(source, record, RenderConfig(width=64, height=64, steps=2,
+                                                                          unet_batch=rows), 3, count_rows)
         # 3 images are 6 rows under guidance: one call of 6, or two of 3, per step.
         assert seen == ([6] if rows is None else [3, 3]) * 2, seen
-    assert np.abs(images[3].astype(int) - images[None].astype(int)).max() <= 1
+    assert np.abs(images[3] - images[None]).max() <= 1
     assert "unet_batch" not in RenderConfig().pixel_settings()  # names from before the option stay the same
     assert RenderConfig(unet_batch=4).pixel_settings() != RenderConfig().pixel_settings()
 
 
 def test_fused_qkv_renders_the_same_and_keeps_no_unfused_copies(tiny_dir: Path) -> None:
-    from sdxl_split.denoiser_service.config import RenderConfig
-    from sdxl_split.denoiser_service.denoise import Denoiser
-    from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
-    from sdxl_split.encoder_service.text_side import TextSide
-    from sdxl_split.shared.embeddings import Embeddings
-    from sdxl_split.shared.encoding_settings import EncodingSettings
-    from sdxl_split.shared.memory import MemoryMeter
-    from sdxl_split.shared.models.resolve import resolve_model
-    from sdxl_split.shared.prompts import PromptEntry
-
-    source = resolve_model(str(tiny_dir), tiny_dir.parent.parent)
-    entry = PromptEntry(line=1, prompt="a red bicycle", negative_prompt="blurry")
-    tensors = TextSide(source, "cpu", "fp32").encode([entry], clip_skip=None)[0].tensors
-    record = Embeddings(key="0" * 64, texts=entry.texts(), tensors=tensors,
-                        settings=EncodingSettings(fingerprint="t", clip_skip=None, dtype="fp32", force_zeros=True))
+    source, record = _bicycle_record(tiny_dir)
     images, weights = {}, {}
     for fused in (False, True):
-        config = RenderConfig(width=64, height=64, steps=2, fuse_qkv=fused)
-        pipe = load_denoiser_pipeline(source, config)
+        pipe, images[fused] = _render_in_process(source, record, RenderConfig(width=64, height=64, steps=2,
+                                                                              fuse_qkv=fused))
         weights[fused] = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae")}
-        images[fused] = np.stack([np.array(i) for i in Denoiser(pipe, config, MemoryMeter()).render(
-            record, seed=5, count=2).images])
     # One matmul for q, k and v holds exactly their weights: diffusers' copies of the separate ones are gone.
     assert weights[True] == weights[False]
-    assert np.abs(images[True].astype(int) - images[False].astype(int)).max() <= 1
+    assert np.abs(images[True] - images[False]).max() <= 1
+
+
+def test_int8_quantization_quantizes_the_image_token_linears_and_stays_close(tiny_dir: Path) -> None:
+    source, record = _bicycle_record(tiny_dir)
+    _, plain = _render_in_process(source, record, RenderConfig(width=64, height=64, steps=4))
+    pipe, quantized = _render_in_process(source, record, RenderConfig(width=64, height=64, steps=4,
+                                                                      quantize="int8"))
+    kinds = {name: type(module.weight).__name__ for name, module in pipe.unet.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    assert kinds["up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"] == "Int8Tensor"
+    assert kinds["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == "Int8Tensor"
+    # One row per image, or the 77 text tokens: quantizing those activations would cost more than it saves.
+    assert kinds["time_embedding.linear_1"] == "Parameter"
+    assert kinds["up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == "Parameter"
+    diff = np.abs(quantized - plain)
+    assert 0 < diff.mean() < 2 and diff.max() <= 16, (diff.mean(), diff.max())
+    assert RenderConfig(quantize="int8").pixel_settings()["quantize"] == "int8"
+    assert "quantize" not in RenderConfig().pixel_settings()
 
 
 @pytest.mark.parametrize(
@@ -192,6 +208,7 @@ def test_fused_qkv_renders_the_same_and_keeps_no_unfused_copies(tiny_dir: Path) 
         (["--size", "big"], "WIDTHxHEIGHT"),
         (["--vae-model", "x/y"], "--vae tiny"),
         (["--compile", "--compile-mode", "reduce-overhead"], "needs --device cuda"),
+        (["--quantize", "fp8"], "fp8 tensor cores (Ada or Hopper); on the CPU use --quantize int8"),
     ],
 )
 def test_invalid_combinations_fail_in_one_line(cli, tmp_path: Path, flags: list[str], expected: str) -> None:
@@ -205,7 +222,7 @@ def test_invalid_combinations_fail_in_one_line(cli, tmp_path: Path, flags: list[
 
 @pytest.mark.parametrize("offload", ["model", "sequential", "group"])
 def test_compile_with_offload_is_refused_before_loading(offload: str) -> None:
-    from sdxl_split.denoiser_service.config import RenderConfig, validate
+    from sdxl_split.denoiser_service.config import validate
     from sdxl_split.shared.errors import UserError
 
     with pytest.raises(UserError, match="cannot be combined"):

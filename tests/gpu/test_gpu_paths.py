@@ -217,3 +217,19 @@ def test_bf16_and_the_fast_eager_options_render(full_model, record, record_prope
         assert images[0].shape == (512, 512, 3) and images[0].std() > 0
     record_property("fast_vs_bf16_max_abs_pixel_diff",
                     int(np.abs(baseline[0].astype(np.int16) - fast[0].astype(np.int16)).max()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs compute capability 8.9+ (Ada, Hopper)")
+def test_fp8_quantized_linears_render(full_model, record, record_property) -> None:
+    pytest.importorskip("torchao", reason="--quantize needs torchao (the suite installs it from .whl)")
+    plain, _ = render(full_model, replace(SMALL, dtype="bf16"), record)
+    quantized, memory = render(full_model, replace(SMALL, dtype="bf16", quantize="fp8"), record)
+    pixels = quantized[0].astype(np.int16)
+    assert pixels.shape == (512, 512, 3) and pixels.std() > 0
+    diff = np.abs(pixels - plain[0].astype(np.int16))
+    record_property("fp8_vs_bf16_mean_abs_pixel_diff", round(float(diff.mean()), 3))
+    record_property("fp8_vs_bf16_max_abs_pixel_diff", int(diff.max()))
+    record_property("fp8_loaded_gib", round(next(p["cuda_allocated_gib"] for p in memory["phases"]
+                                                 if p["phase"] == "load"), 3))
+    assert diff.mean() > 0, "the fp8 render is identical to bf16: nothing was quantized"

@@ -177,6 +177,11 @@ def test_reading_against_the_physical_limit_uses_the_fastest_row() -> None:
 def test_fast_options_refuse_what_cannot_work() -> None:
     with pytest.raises(UserError, match="--fuse-qkv .* --attention default"):
         validate(RenderConfig(fuse_qkv=True, attention="default"), False)
+    with pytest.raises(UserError, match="--quantize int8 cannot be combined with --offload group"):
+        validate(RenderConfig(device="cuda", offload="group", quantize="int8"), True)
+    with pytest.raises(UserError, match="--quantize must be one of none, int8, fp8"):
+        validate(RenderConfig(quantize="int4"), False)
+    validate(RenderConfig(device="cuda", quantize="fp8"), True)
     with pytest.raises(UserError, match="--offload-group-mib sizes the groups of --offload group"):
         validate(RenderConfig(device="cuda", offload="model", offload_group_mib=64), True)
     validate(RenderConfig(device="cuda", offload="group", offload_group_mib=0), True)
