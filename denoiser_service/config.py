@@ -32,7 +32,7 @@ MAX_SIDE = 4096
 MAX_BATCH_PIXELS = 4 * 2048 * 2048
 MAX_GUIDANCE = 100.0
 # --offload group's largest group of UNet weights. SDXL's UNet then uploads one transformer block (66 MiB in fp16)
-# or one ResNet block (up to 94 MiB) at a time: ~100 groups instead of ~1,700 layers, with at most ~200 MiB of
+# or one ResNet block (up to 94 MiB) at a time: ~100 groups instead of ~790 layers, with at most ~200 MiB of
 # weights on the GPU at once (the group computing and the next one uploading).
 DEFAULT_OFFLOAD_GROUP_MIB = 128
 

@@ -1,7 +1,7 @@
 """Group offload for the UNet with groups of a bounded size: each transformer block or ResNet block is one upload.
 
 diffusers offers two groupings and neither fits SDXL's UNet:
-- leaf level makes each of ~1,700 layers a group. The host waits for each layer's upload before it queues the next
+- leaf level makes each of ~790 layers a group. The host waits for each layer's upload before it queues the next
   one, so the GPU computes one small layer at a time: 1.8x the time of no offload on an H200.
 - block level groups the children of ModuleLists: a whole down or up block, up to ~2 GiB in fp16. Naming deeper
   blocks (`block_modules`) nests a prefetch tracer per level, which fails with streams in diffusers 0.42
