@@ -7,6 +7,7 @@ import statistics
 from sdxl_split.bench.limits import reading
 from sdxl_split.bench.results import memory_gib, metric_label, workload_ms
 from sdxl_split.bench.seed_table import SEED_GPU, SEED_NOTE, SEED_WORKLOAD
+from sdxl_split.bench.targets import target_lines
 
 DASH = "—"
 
@@ -155,6 +156,7 @@ def markdown(payload: dict) -> str:
     if payload.get("seed") is not None:
         lines += _seed_section(payload)
     lines += reading(payload)
+    lines += target_lines(payload)
     return "\n".join(lines) + "\n"
 
 

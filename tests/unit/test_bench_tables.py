@@ -15,6 +15,7 @@ from sdxl_split.bench.publish import merge_previous
 from sdxl_split.bench.report import markdown
 from sdxl_split.bench.results import blank_result, workload_ms
 from sdxl_split.bench.rows import ROW_BY_ID, ROWS, parse_row_values, plan_row, select_rows
+from sdxl_split.bench.targets import target_lines
 from sdxl_split.bench.timing import latency_stats, phase_figures
 from sdxl_split.denoiser_service.config import RenderConfig, validate
 from sdxl_split.shared.errors import UserError
@@ -172,6 +173,31 @@ def test_reading_against_the_physical_limit_uses_the_fastest_row() -> None:
     assert "120.0 ms per step = 451 TFLOP/s" in text and "10.30 s: 3.4x ours" in text
     cpu_env, cpu_bench = _payload(rows, device="cpu")
     assert reading({"environment": cpu_env, "bench": cpu_bench, "rows": rows}) == []
+
+
+def test_targets_say_met_missed_or_not_run_for_the_seed_workload_on_a_gpu() -> None:
+    def gpu_row(row: str, gib: float, ms: float) -> dict:
+        record = _ok(row, 1.0, ms, "cuda", steps=25)
+        record["memory"]["cuda_allocated_gib"] = gib
+        return record
+
+    rows = [gpu_row("fp16-sdpa", 21.2, 4250.0), gpu_row("monolith", 22.8, 4270.0),
+            gpu_row("tiny-vae-slicing", 6.18, 3800.0), gpu_row("group-offload-tiny", 1.42, 5320.0),
+            gpu_row("fast-compile-tiny-fp8", 7.0, 2450.0)]
+    env, bench = _payload(rows)
+    bench["base"] = {**bench["base"], "width": 1024, "height": 1024, "images_per_prompt": 4}
+    text = "\n".join(target_lines({"environment": env, "bench": bench, "rows": rows,
+                                   "metric": "cuda_allocated_gib"}))
+    assert "| best row <= 2.5 s | `fast-compile-tiny-fp8` 2.45 s | met |" in text
+    assert "| `tiny-vae-slicing` <= 6.0 GiB allocated | 6.18 GiB | missed |" in text
+    assert "| `tiny-vae-slicing-unet-batch` <= 6.0 GiB allocated | `tiny-vae-slicing-unet-batch` not run | not run |" \
+        in text
+    assert "| `group-offload-tiny` <= 1.5 GiB | 1.42 GiB | met |" in text
+    assert "latency | 1.40x | met |" in text
+    assert "the monolith's latency | 0.995x | met |" in text
+    assert "| 1.60 GiB less | met |" in text
+    cpu_env, cpu_bench = _payload(rows, device="cpu")
+    assert target_lines({"environment": cpu_env, "bench": cpu_bench, "rows": rows, "metric": "peak_rss_gib"}) == []
 
 
 def test_fast_options_refuse_what_cannot_work() -> None:
