@@ -131,6 +131,9 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
                         "the offload hooks copy plain tensors, not torchao's quantized ones; pick one")
     if config.quantize == "fp8" and not on_gpu:
         raise UserError(FP8_NEEDS_GPU)
+    if config.quantize == "fp8" and config.dtype != "bf16":
+        raise UserError(f"--quantize fp8 scales each row of a weight, which torchao does for bf16 weights only; "
+                        f"add --dtype bf16 (not {config.dtype})")
     if config.quantize != "none" and importlib.util.find_spec("torchao") is None:
         raise UserError(f"--quantize {config.quantize} needs torchao; install it with pip install "
                         "'sdxl-split[quant]'")

@@ -81,8 +81,6 @@ class LoraBank:
                                           _pipeline=self.pipe, low_cpu_mem_usage=True)
         except (ValueError, KeyError, RuntimeError, OSError) as err:
             raise JobError(f"LoRA {lora.path} cannot be read by diffusers ({first_line(err)})") from None
-        # With --offload group, diffusers has just re-applied offload with its own (per-layer) grouping.
-        reapply_sized_group_offload(self.pipe.unet)
         self._loaded[name] = None
         keep_names = {f"lora_{sha[:16]}" for sha, _ in keep}
         while len(self._loaded) > self.capacity:
@@ -91,6 +89,9 @@ class LoraBank:
                 break  # every loaded adapter is needed by this job
             self.pipe.delete_adapters(oldest)
             del self._loaded[oldest]
+        # With --offload group, loading (and deleting) an adapter made diffusers re-apply offload its own way, one
+        # group per layer.
+        reapply_sized_group_offload(self.pipe.unet)
         return name
 
 

@@ -96,6 +96,10 @@ def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffus
         pipe.vae.enable_slicing()
     if config.vae_tiling:
         configure_tiling(pipe.vae, config.vae_tile_size)
+    if config.unet_batch is not None:
+        # Before any offload: its hooks then wrap the batch loop. Applied after them, the loop was lost when group
+        # offload's first forward removed its tracing hook (diffusers restores the forward it saw then).
+        limit_unet_batch(pipe.unet, config.unet_batch)
     device = torch.device(config.device)
     if config.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -115,8 +119,6 @@ def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffus
                                       record_stream=True)
     else:
         pipe.to(device)
-    if config.unet_batch is not None:
-        limit_unet_batch(pipe.unet, config.unet_batch)
     if config.quantize != "none":
         # On the device, where the per-row scales are computed fast; before compile, which fuses the activations'
         # quantization into the op before each matmul.

@@ -27,8 +27,8 @@ def _rows(value: Any, total: int, part: slice) -> Any:
 def limit_unet_batch(unet: torch.nn.Module, rows: int) -> None:
     """From now on `unet(...)` runs in calls of at most `rows` samples and concatenates their outputs.
 
-    Applied after offload hooks (which wrap `forward` the same way) and before torch.compile, which then
-    traces the loop, one graph for every part of the same size."""
+    Applied before offload hooks, which wrap this loop (each part then runs through them), and before
+    torch.compile, which traces the loop, one graph for every part of the same size."""
     if rows < 1:
         raise ValueError(f"rows must be at least 1, not {rows}")
     whole = unet.forward

@@ -110,28 +110,44 @@ def test_streamed_groups_chain_in_the_order_they_run_and_compute_the_same(host_s
     assert sum(h.group.onload_self for h in hooks.values()) == 1
 
 
-def test_loading_a_lora_keeps_the_sized_groups(tiny_dir) -> None:
+def test_the_lora_bank_keeps_the_sized_groups_through_loads_and_evictions(tiny_dir, tmp_path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
+    from sdxl_split.denoiser_service.lora_bank import LoraBank
+    from sdxl_split.shared.loras import LoraFinder
     from sdxl_split.shared.models.test_assets import tiny_lora
 
+    for seed, name in ((1, "style"), (2, "detail")):
+        (tmp_path / f"{name}.safetensors").write_bytes(tiny_lora("unet", seed=seed))
+    finder = LoraFinder(tmp_path, tmp_path / "cache")
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir)
     apply_sized_group_offload(pipe.unet, torch.device("cpu"), 4096, use_stream=False)
-    pipe.load_lora_into_unet(_lora_state(tiny_lora("unet", seed=3)), None, pipe.unet, adapter_name="style",
-                             _pipeline=pipe)
-    # The LoRA's layers joined the UNet, and diffusers re-applied offload its own way (one group per layer).
-    planned = {"", *(group.name for group in plan_groups(pipe.unet, 4096))}
-    assert set(_group_hooks(pipe.unet)) != planned
-    assert reapply_sized_group_offload(pipe.unet)
-    assert set(_group_hooks(pipe.unet)) == planned
-    assert any(".lora_A." in name for name in planned)
+    bank = LoraBank(pipe, finder, capacity=1)
+    for name in ("style", "detail"):  # the second load evicts the first (diffusers re-applies offload for each)
+        bank.apply((finder.find(name).use(0.8),))
+        planned = {"", *(group.name for group in plan_groups(pipe.unet, 4096))}
+        assert set(_group_hooks(pipe.unet)) == planned, f"after {name}: diffusers' per-layer groups were left"
+        assert any(".lora_A." in group for group in planned)
+    assert list(pipe.unet.peft_config) == [f"lora_{finder.find('detail').sha256[:16]}"]
+    # diffusers' own re-application differs, or this test could not tell the two apart.
+    pipe.delete_adapters(list(pipe.unet.peft_config))
+    assert set(_group_hooks(pipe.unet)) != {"", *(group.name for group in plan_groups(pipe.unet, 4096))}
     assert not reapply_sized_group_offload(torch.nn.Linear(2, 2)), "never grouped here: nothing to put back"
 
 
-def _lora_state(data: bytes) -> dict[str, torch.Tensor]:
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load
+def test_a_unet_batch_cap_set_before_the_groups_holds_on_every_call(host_streams) -> None:
+    from sdxl_split.denoiser_service.unet_batch import limit_unet_batch
 
-    state = load(data)
-    unet_state, _ = StableDiffusionXLPipeline.lora_state_dict(state)
-    return unet_state
+    grouped, plain = _unet_pair()
+    limit_unet_batch(grouped, 1)  # the order place() uses: the offload hooks wrap the loop
+    apply_sized_group_offload(grouped, torch.device("cpu"), 4096, use_stream=True)
+    rows: list[int] = []
+    grouped.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    x, t, context, cond = _unet_inputs()
+    with torch.no_grad():
+        for _ in range(3):  # the first call's tracing hook is removed after it; the cap must outlive it
+            rows.clear()
+            out = grouped(x, t, context, added_cond_kwargs=cond).sample
+            assert rows == [1, 1], rows
+    expected = plain(x, t, context, added_cond_kwargs=cond).sample
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -120,6 +120,23 @@ def test_group_offload_sizes_trade_memory_for_uploads(full_model, record, record
     assert denoise[0] <= denoise[None] <= denoise[0] + 0.25, denoise
 
 
+def test_a_unet_batch_cap_holds_under_group_offload(full_model, record, record_property) -> None:
+    """The offload hooks wrap the batch loop; applied the other way round the cap was lost after the first call."""
+    rows: list[int] = []
+    config = replace(SMALL, offload="group", unet_batch=1)
+    pipe = load_denoiser_pipeline(full_model, config)
+    pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    meter = MemoryMeter(cuda_device=0)
+    try:
+        Denoiser(pipe, config, meter).render(record, config.seed, 1)
+    finally:
+        meter.close()
+        del pipe
+        _free_gpu()
+    record_property("group_offload_unet_batch_1_rows_per_call", ",".join(map(str, rows)))
+    assert rows == [1, 1] * SMALL.steps, rows
+
+
 def test_fused_qkv_costs_no_memory(full_model, record_property) -> None:
     """diffusers keeps the unfused q/k/v next to the fused ones (1.2 GiB in SDXL's UNet); ours drops them."""
     loaded = {}

@@ -207,7 +207,10 @@ def test_fast_options_refuse_what_cannot_work() -> None:
         validate(RenderConfig(device="cuda", offload="group", quantize="int8"), True)
     with pytest.raises(UserError, match="--quantize must be one of none, int8, fp8"):
         validate(RenderConfig(quantize="int4"), False)
-    validate(RenderConfig(device="cuda", quantize="fp8"), True)
+    with pytest.raises(UserError, match="torchao does for bf16 weights only; add --dtype bf16 \\(not fp16\\)"):
+        validate(RenderConfig(device="cuda", dtype="fp16", quantize="fp8"), True)
+    validate(RenderConfig(device="cuda", dtype="bf16", quantize="fp8"), True)
+    validate(RenderConfig(device="cuda", dtype="fp16", quantize="int8"), True)
     with pytest.raises(UserError, match="--offload-group-mib sizes the groups of --offload group"):
         validate(RenderConfig(device="cuda", offload="model", offload_group_mib=64), True)
     validate(RenderConfig(device="cuda", offload="group", offload_group_mib=0), True)
