@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.config import DEFAULT_OFFLOAD_GROUP_MIB, RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser, generators
 from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
 from sdxl_split.encoder_service.text_side import TextSide
@@ -111,13 +111,14 @@ def test_each_offload_mode_renders_and_their_peaks_keep_their_order(full_model, 
 
 def test_group_offload_sizes_trade_memory_for_uploads(full_model, record, record_property) -> None:
     """Each layer a group (--offload-group-mib 0) holds the least; the default block-sized groups hold at most
-    ~2 blocks (<= 256 MiB) more while the UNet runs."""
+    three groups more while the UNet runs: one computing, the next uploading, and the last one, which the
+    allocator releases only once the compute stream is past it (record_stream)."""
     denoise = {}
     for mib in (0, None):
         _, memory = render(full_model, replace(SMALL, offload="group", offload_group_mib=mib), record)
         denoise[mib] = next(p["cuda_allocated_gib"] for p in memory["phases"] if p["phase"] == "denoise")
         record_property(f"group_offload_mib_{mib or 'default'}_denoise_peak_allocated_gib", round(denoise[mib], 3))
-    assert denoise[0] <= denoise[None] <= denoise[0] + 0.25, denoise
+    assert denoise[0] <= denoise[None] <= denoise[0] + 3 * DEFAULT_OFFLOAD_GROUP_MIB / 1024, denoise
 
 
 def test_a_unet_batch_cap_holds_under_group_offload(full_model, record, record_property) -> None:
