@@ -17,26 +17,21 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 
-def drop_unfused_copies(model: torch.nn.Module) -> int:
-    """Remove the projections a fused attention no longer calls; returns the parameters freed."""
-    freed = 0
+def drop_unfused_copies(model: torch.nn.Module) -> None:
+    """Remove the projections a fused attention no longer calls."""
     for module in model.modules():
-        if not isinstance(module, Attention) or not getattr(module, "fused_projections", False):
-            continue
-        # Self-attention runs to_qkv; cross-attention runs to_q on the image and to_kv on the text.
-        names = ("to_q", "to_k", "to_v") if getattr(module, "to_qkv", None) is not None else ("to_k", "to_v")
-        for name in names:
-            layer = getattr(module, name, None)
-            if layer is not None:
-                freed += sum(p.numel() for p in layer.parameters())
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+            # Self-attention runs to_qkv; cross-attention runs to_q on the image and to_kv on the text.
+            for name in ("to_q", "to_k", "to_v") if getattr(module, "to_qkv", None) is not None else ("to_k", "to_v"):
                 setattr(module, name, None)
-    return freed
 
 
-def fuse_projections(pipe: StableDiffusionXLPipeline, vae: bool) -> int:
-    """Fuse the UNet's projections (and the full VAE's) and drop the unfused copies; returns the parameters freed."""
+def fuse_projections(pipe: StableDiffusionXLPipeline, vae: bool) -> None:
+    """Fuse the UNet's projections (and the full VAE's) and drop the unfused copies."""
     pipe.fuse_qkv_projections(unet=True, vae=vae)
-    return drop_unfused_copies(pipe.unet) + (drop_unfused_copies(pipe.vae) if vae else 0)
+    drop_unfused_copies(pipe.unet)
+    if vae:
+        drop_unfused_copies(pipe.vae)
 
 
 def has_fused_projections(model: torch.nn.Module) -> bool:

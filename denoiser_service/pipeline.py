@@ -82,9 +82,9 @@ def load_weights(source: ModelSource, config: RenderConfig) -> StableDiffusionXL
 
 
 def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffusionXLPipeline:
-    """Apply the rest of the options: fused projections, VAE slicing or tiling, the device or an offload, the UNet
-    batch limit, channels_last and compilation. Each of these copies or wraps the weights, so a LoRA fused after
-    them would not reach what runs."""
+    """Apply the rest of the options, in this order: fused projections, channels_last, VAE slicing or tiling, the
+    UNet batch limit, the device or an offload, quantization, compilation. Each of these copies or wraps the
+    weights, so a LoRA fused after them would not reach what runs."""
     if config.fuse_qkv:
         # Before offload hooks wrap the modules; the tiny VAE has no attention to fuse.
         fuse_projections(pipe, vae=config.vae == "full")

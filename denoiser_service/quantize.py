@@ -50,13 +50,11 @@ def check_fp8_device(device: torch.device) -> None:
                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}; use --quantize int8")
 
 
-def quantize_unet(unet: torch.nn.Module, scheme: str) -> int:
-    """Quantize the UNet's linear layers in place, where its weights are; returns how many were quantized."""
+def quantize_unet(unet: torch.nn.Module, scheme: str) -> None:
+    """Quantize the UNet's linear layers in place, where its weights are."""
     if scheme == "fp8":
         check_fp8_device(next(unet.parameters()).device)
     config = _config(scheme)
     from torchao.quantization import quantize_
 
-    chosen = [name for name, module in unet.named_modules() if quantizable(module, name)]
     quantize_(unet, config, filter_fn=quantizable)
-    return len(chosen)
