@@ -44,11 +44,11 @@ def with_header(frames: list[bytes], **changes) -> list[bytes]:
 
 SIMPLE_MESSAGES = [
     Ready(credits=2, worker="gpu-box-1", pid=1234, device="cuda:0"),
-    Done(work_id=JOB_ID, attempt=2, images=(ImageDone("fox-0123.png", SHA), ImageDone("fox-4567.png", SHA)),
+    Done(job_id=JOB_ID, attempt=2, images=(ImageDone("fox-0123.png", SHA), ImageDone("fox-4567.png", SHA)),
          seconds=3.5),
-    Done(work_id=JOB_ID, attempt=1, images=(), seconds=0.0),
-    Error(work_id=JOB_ID, attempt=3, reason="CUDA out of memory ☹"),
-    Error(work_id=JOB_ID, attempt=1, reason="no space left on device", scope="denoiser"),
+    Done(job_id=JOB_ID, attempt=1, images=(), seconds=0.0),
+    Error(job_id=JOB_ID, attempt=3, reason="CUDA out of memory ☹"),
+    Error(job_id=JOB_ID, attempt=1, reason="no space left on device", scope="denoiser"),
     Heartbeat(),
     Dead(reason="model failed to load"),
     Bye(reason=""),

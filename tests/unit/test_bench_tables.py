@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_split.bench.compare import seed_comparison, split_vs_monolith
-from sdxl_split.bench.job import RowJob, source_dict
+from sdxl_split.bench.job import RowTask, source_dict
 from sdxl_split.bench.launcher import _death_reason
 from sdxl_split.bench.limits import reading
 from sdxl_split.bench.publish import merge_previous
@@ -59,10 +59,10 @@ def test_cpu_plan_runs_half_precision_in_fp32_and_skips_what_needs_a_gpu_with_va
 def test_row_job_round_trips_through_json() -> None:
     source = ModelSource(spec="tiny", kind="folder", location="/m/tiny", config_dir=Path("/m/tiny"),
                          random_weights=True)
-    job = RowJob(row_id="tiny-vae", side="denoiser", source=source_dict(source), cache_dir="/c", prompts=("a", "b"),
+    job = RowTask(row_id="tiny-vae", side="denoiser", source=source_dict(source), cache_dir="/c", prompts=("a", "b"),
                  encoding={"fingerprint": "sha256:x", "clip_skip": None, "dtype": "fp32", "force_zeros": True},
                  encoder_device="cpu", render=CPU_BASE.as_dict(), repeats=2)
-    again = RowJob.from_json(job.to_json())
+    again = RowTask.from_json(job.to_json())
     assert again == job and again.render_config() == CPU_BASE and again.model_source() == source
     assert [e.prompt for e in again.entries()] == ["a", "b"]
 

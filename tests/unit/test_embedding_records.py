@@ -1,10 +1,7 @@
-"""Embedding records refuse non-finite values in every dtype, and decoding one starts no threads."""
+"""Embedding records refuse non-finite values in every dtype."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -40,36 +37,3 @@ def test_finite_extremes_pass(dtype: str) -> None:
     tensors["prompt_embeds"].view(-1)[:4] = torch.tensor([info.max, -info.max, info.tiny, -0.0])
     decoded = decode_embeddings(replace(record, tensors=tensors).to_bytes())
     assert torch.equal(decoded.tensors["prompt_embeds"], tensors["prompt_embeds"])
-
-
-# A full-size SDXL record (77 x 2048 per prompt, 157k values each side), decoded on a fresh thread of a process whose
-# torch runs 2 threads, as a denoiser's socket thread does. Prints the process's thread count before and after.
-DECODE_ON_A_SOCKET_THREAD = """
-import os, threading, torch
-from protocol_samples import ENTRY, make_record
-from sdxl_split.shared.embeddings import decode_embeddings
-torch.set_num_threads(2)
-data = make_record(ENTRY, width=2048, pooled=1280).to_bytes()
-counts = []
-def socket_thread():
-    counts.append(len(os.listdir("/proc/self/task")))
-    decode_embeddings(data)
-    counts.append(len(os.listdir("/proc/self/task")))
-thread = threading.Thread(target=socket_thread)
-thread.start()
-thread.join()
-print(*counts)
-"""
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
-def test_decoding_a_full_size_record_starts_no_openmp_team() -> None:
-    """A second OpenMP team in a denoiser (or an encoder) makes libgomp stop spin-waiting, and the model's own
-    team slows down: decoding must not start one on the socket thread."""
-    here = os.path.dirname(__file__)
-    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", DECODE_ON_A_SOCKET_THREAD], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": path})
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, after = map(int, done.stdout.split())
-    assert after == before, f"decoding started {after - before} thread(s)"

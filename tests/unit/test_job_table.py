@@ -16,8 +16,8 @@ class Recorder:
         self.events: list[tuple[str, str, dict]] = []
         self.reports: list[str] = []
 
-    def log(self, event: str, work_id: str, **fields) -> None:
-        self.events.append((event, work_id, fields))
+    def log(self, event: str, job_id: str, **fields) -> None:
+        self.events.append((event, job_id, fields))
 
     def named(self, event: str) -> list[str]:
         return [work for name, work, _ in self.events if name == event]
@@ -36,7 +36,7 @@ def send_all(table: JobTable, now: float = 0.0) -> list[tuple[str, bytes]]:
     while (pick := table.pick()) is not None:
         job, worker = pick
         table.sent(job, worker, now=now)
-        out.append((job.work_id, worker.identity))
+        out.append((job.job_id, worker.identity))
     return out
 
 
@@ -184,7 +184,7 @@ def test_draining_hands_out_nothing_new_but_accepts_what_is_out() -> None:
     table.attach(B, "b", credits=5, now=0.0)
     assert table.pick() is None
     assert table.in_flight == 1 and table.finish(A, "job0", 1, IMAGES, 1.0) and table.in_flight == 0
-    assert [job.work_id for job in table.leftovers()] == ["job1", "job2"]
+    assert [job.job_id for job in table.leftovers()] == ["job1", "job2"]
 
 
 def test_images_a_previous_run_left_intact_are_not_rendered_again() -> None:
@@ -231,14 +231,14 @@ def test_credits_are_never_overdrawn(credits: int) -> None:
 def test_a_denoiser_that_fails_every_job_is_quarantined_before_it_sinks_the_queue() -> None:
     table, seen = table_with(jobs=4, max_attempts=3)
     table.attach(A, "broken", credits=4, now=0.0)
-    for work_id, _ in send_all(table):
-        table.fail(A, work_id, 1, "broken on purpose")
+    for job_id, _ in send_all(table):
+        table.fail(A, job_id, 1, "broken on purpose")
     assert "broken" in table.quarantined and A not in table.workers
     assert seen.named("dead_letter") == [] and table.counts()["queued"] == 4
     table.attach(B, "healthy", credits=1, now=1.0)
     for _ in range(4):
-        [(work_id, _)] = send_all(table)
-        assert table.finish(B, work_id, 2, IMAGES, 1.0)
+        [(job_id, _)] = send_all(table)
+        assert table.finish(B, job_id, 2, IMAGES, 1.0)
     assert table.counts()["done"] == 4
 
 
@@ -246,8 +246,8 @@ def test_one_poison_job_on_the_only_denoiser_is_dead_lettered_without_quarantini
     table, seen = table_with(jobs=2, max_attempts=3)
     table.attach(A, "only", credits=1, now=0.0)
     for attempt in (1, 2, 3):
-        [(work_id, _)] = send_all(table)
-        assert work_id == "job0"
+        [(job_id, _)] = send_all(table)
+        assert job_id == "job0"
         table.fail(A, "job0", attempt, "NaN latents")
     assert seen.named("dead_letter") == ["job0"] and not table.quarantined
     assert send_all(table) == [("job1", A)]

@@ -11,7 +11,7 @@ from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir
 
 
 def meta(image_id: str) -> ImageMeta:
-    return ImageMeta(image_id=image_id, job_id="j" * 64, index=0, seed=0, prompt="a cat", negative_prompt=None,
+    return ImageMeta(image_id=image_id, render_id="j" * 64, index=0, seed=0, prompt="a cat", negative_prompt=None,
                      embedding_key="k" * 64, sampler="Euler", model="tiny", model_hash="abc",
                      config={"steps": 1, "guidance": 5.0, "width": 8, "height": 8})
 

@@ -99,7 +99,7 @@ def test_deeply_nested_safetensors_header_is_a_protocol_error() -> None:
 
     body = b"[" * 5000 + b"]" * 5000
     payload = struct.pack("<Q", len(body)) + body
-    header = json.dumps({"proto": "sdxl-split", "v": 2, "type": "JOB", "work_id": "a" * 64, "attempt": 1,
+    header = json.dumps({"proto": "sdxl-split", "v": 3, "type": "JOB", "job_id": "a" * 64, "attempt": 1,
                          "embedding_key": "b" * 64, "entry": {"line": 1, "prompt": "x", "prompt_2": None,
                          "negative_prompt": None, "negative_prompt_2": None, "seed": None, "count": None,
                          "id": None}}).encode()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.render_loop import ModelIdentity
+from sdxl_split.denoiser_service.naming import ModelIdentity
 from sdxl_split.denoiser_service.spec import DenoiserSpec, ServeSpec
 from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
 from sdxl_split.encoder_service.spec import EncodeSpec
@@ -19,7 +16,6 @@ from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
-from sdxl_split.shared.wakeup import StopFlag, Wakeup, watch_stop
 
 SOURCE = ModelSource(spec="tiny", kind="folder", location="/m/tiny", config_dir=Path("/m/tiny"), random_weights=True)
 
@@ -54,16 +50,3 @@ def test_a_spec_that_does_not_fit_is_refused(change, message: str) -> None:
     change(raw)
     with pytest.raises(specs.SpecError, match=message):
         specs.from_jsonable(ServeSpec, raw)
-
-
-def test_a_stop_request_wakes_a_waiting_poll_at_once() -> None:
-    wakeup, stop = Wakeup(), StopFlag()
-    watch_stop(stop, wakeup)
-    poller = zmq.Poller()
-    poller.register(wakeup, zmq.POLLIN)
-    threading.Timer(0.05, stop.set).start()
-    started = time.monotonic()
-    assert wakeup.fileno() in dict(poller.poll(10_000)) and time.monotonic() - started < 5.0
-    wakeup.clear()
-    assert not dict(poller.poll(0)), "cleared: the next poll must wait again, not spin"
-    wakeup.close()
