@@ -1,4 +1,4 @@
-"""What one row's child process is told to do: a frozen record, written as JSON for `python -m ...bench.row`."""
+"""What one row's child process is told to do: its task, a frozen record written as JSON for `python -m bench.row`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sdxl_split.shared.settings import GlobalOptions
 
 
 @dataclass(frozen=True)
-class RowJob:
+class RowTask:
     row_id: str
     side: str
     # The parent's resolved ModelSource, so a child neither re-resolves (no hub call) nor races a build.
@@ -35,7 +35,7 @@ class RowJob:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> RowJob:
+    def from_json(cls, text: str) -> RowTask:
         raw = json.loads(text)
         raw["prompts"] = tuple(raw["prompts"])
         return cls(**raw)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.job import RowTask
 
 LOG_TAIL_LINES = 20
 
@@ -31,7 +31,7 @@ def _death_reason(returncode: int, tail: list[str]) -> str:
     return f"row process exited with code {returncode}: {last[:300]}"
 
 
-def run_in_fresh_process(job: RowJob, workdir: Path, timeout_s: float) -> dict:
+def run_in_fresh_process(job: RowTask, workdir: Path, timeout_s: float) -> dict:
     """Spawn `python -m sdxl_split.bench.row`, wait, and read its result; a child that dies or hangs becomes
     a failed record carrying its pid, exit status and the tail of its output."""
     job_path = workdir / f"{job.row_id}.job.json"

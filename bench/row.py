@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.job import RowTask
 
 
 def _one_line(err: BaseException) -> str:
@@ -17,7 +17,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
-def run(job: RowJob) -> dict:
+def run(job: RowTask) -> dict:
     """Load, warm up and time the row; return its result record (memory from this process alone)."""
     from sdxl_split.bench.sides import RUNNERS
     from sdxl_split.bench.timing import latency_stats, phase_figures
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     from sdxl_split.shared.processes import die_with_parent
 
     die_with_parent()
-    job = RowJob.from_json(Path(argv[0]).read_text())
+    job = RowTask.from_json(Path(argv[0]).read_text())
     record = run(job)
     from sdxl_split.shared.atomic import atomic_write_bytes
 

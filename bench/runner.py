@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdxl_split.bench.job import RowJob, source_dict
+from sdxl_split.bench.job import RowTask, source_dict
 from sdxl_split.bench.launcher import run_in_fresh_process
 from sdxl_split.bench.results import blank_result
 from sdxl_split.bench.rows import ROW_BY_ID, PlannedRow, Row, plan_row
@@ -94,7 +94,7 @@ def run_rows(bench: BenchSettings, opts: GlobalOptions, source: ModelSource, enc
                 # Saves a process start per row, each of which would only find the cache empty.
                 record.update(status="failed", error=f"no embeddings: the encoder row failed ({encoder_failed})")
             else:
-                job = RowJob(row_id=item.row.id, side=item.row.side, source=source_dict(source),
+                job = RowTask(row_id=item.row.id, side=item.row.side, source=source_dict(source),
                              cache_dir=str(opts.cache_dir), prompts=bench.prompts, encoding=asdict(encoding),
                              encoder_device=bench.encoder_device,
                              render=item.config.as_dict() if item.config is not None else None,

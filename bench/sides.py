@@ -7,11 +7,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sdxl_split.bench.job import RowJob
+from sdxl_split.bench.job import RowTask
 from sdxl_split.bench.timing import WARMUP_STEPS, timed_ms
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline, use_scheduler
+from sdxl_split.denoiser_service.pipeline import build_denoiser, use_scheduler
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import DTYPES, TENSOR_NAMES, Embeddings
@@ -40,7 +40,7 @@ def _held(pipe) -> list[str]:
     return sorted(name for name, part in pipe.components.items() if part is not None)
 
 
-def _repeat(work: Callable[[int | None], object], job: RowJob, device: str, meter: MemoryMeter
+def _repeat(work: Callable[[int | None], object], job: RowTask, device: str, meter: MemoryMeter
             ) -> tuple[float, list[float], list[float], dict[str, list[float]]]:
     """Warm-up wall ms, then each repeat's wall and CPU ms, and the ms each repeat spent in each meter phase.
     `work(steps)` runs one repeat; the warm-up runs WARMUP_STEPS denoising steps, which is enough to compile,
@@ -58,7 +58,7 @@ def _repeat(work: Callable[[int | None], object], job: RowJob, device: str, mete
     return warmup, [wall for wall, _ in timed], [cpu for _, cpu in timed], phase_ms
 
 
-def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+def run_encoder(job: RowTask, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
     """Encode every prompt (one at a time, as `encode` does by default) and leave the results in the cache."""
     settings = job.encoding_settings()
     entries = job.entries()
@@ -79,7 +79,7 @@ def run_encoder(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Ca
     return Measured(warmup, latencies, cpu, phases, None, _held(text_side.pipe))
 
 
-def cached_records(job: RowJob) -> list[Embeddings]:
+def cached_records(job: RowTask) -> list[Embeddings]:
     """The prompts' embeddings from the cache; a denoiser row never encodes anything itself."""
     settings = job.encoding_settings()
     cache = EmbeddingCache(job.global_options().embeddings_dir)
@@ -93,24 +93,23 @@ def cached_records(job: RowJob) -> list[Embeddings]:
     return records
 
 
-def _denoiser(pipe, config: RenderConfig, meter: MemoryMeter, steps: int | None) -> Denoiser:
-    return Denoiser(pipe, config if steps is None else replace(config, steps=min(steps, config.steps)), meter)
+def _steps(config: RenderConfig, steps: int | None) -> RenderConfig:
+    """The row's settings, or its warm-up's (fewer steps)."""
+    return config if steps is None else replace(config, steps=min(steps, config.steps))
 
 
-def run_denoiser(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+def run_denoiser(job: RowTask, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
     config = job.render_config()
     records = cached_records(job)
-    with meter.phase("load"):
-        pipe = load_denoiser_pipeline(source, config)
+    denoiser = build_denoiser(source, config, meter)
     loaded()
 
     def once(steps: int | None) -> None:
-        denoiser = _denoiser(pipe, config, meter, steps)
         for record in records:
-            denoiser.render(record, config.seed, config.images_per_prompt)
+            denoiser.render(record, config.seed, config.images_per_prompt, config=_steps(config, steps))
 
     warmup, latencies, cpu, phases = _repeat(once, job, config.device, meter)
-    return Measured(warmup, latencies, cpu, phases, config.images_per_prompt * len(records), _held(pipe))
+    return Measured(warmup, latencies, cpu, phases, config.images_per_prompt * len(records), _held(denoiser.pipe))
 
 
 def load_monolith(source: ModelSource, config: RenderConfig):
@@ -122,7 +121,7 @@ def load_monolith(source: ModelSource, config: RenderConfig):
     return pipe
 
 
-def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
+def run_monolith(job: RowTask, source: ModelSource, meter: MemoryMeter, loaded: Callable[[], None]) -> Measured:
     """Each repeat encodes and renders in this one process: phases encode, then denoise and decode."""
     config = job.render_config()
     if config.offload != "none" or config.compile or config.vae != "full" or config.vae_slicing:
@@ -137,9 +136,10 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
     loaded()
     device = torch.device(config.device)
 
+    denoiser = Denoiser(pipe, config, meter)
+
     @torch.inference_mode()
     def once(steps: int | None) -> None:
-        denoiser = _denoiser(pipe, config, meter, steps)
         for entry in entries:
             with meter.phase("encode"):
                 # What StableDiffusionXLPipeline.__call__(prompt=...) runs first, called out to time it apart.
@@ -147,13 +147,13 @@ def run_monolith(job: RowJob, source: ModelSource, meter: MemoryMeter, loaded: C
                                              num_images_per_prompt=1, do_classifier_free_guidance=True)
             record = Embeddings(key=embedding_key(entry.texts(), settings), texts=entry.texts(), settings=settings,
                                 tensors=dict(zip(TENSOR_NAMES, tensors)))
-            denoiser.render(record, config.seed, config.images_per_prompt)
+            denoiser.render(record, config.seed, config.images_per_prompt, config=_steps(config, steps))
 
     warmup, latencies, cpu, phases = _repeat(once, job, config.device, meter)
     return Measured(warmup, latencies, cpu, phases, config.images_per_prompt * len(entries), _held(pipe))
 
 
-RUNNERS: dict[str, Callable[[RowJob, ModelSource, MemoryMeter, Callable[[], None]], Measured]] = {
+RUNNERS: dict[str, Callable[[RowTask, ModelSource, MemoryMeter, Callable[[], None]], Measured]] = {
     "encoder": run_encoder,
     "denoiser": run_denoiser,
     "monolith": run_monolith,

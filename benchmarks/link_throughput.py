@@ -47,7 +47,7 @@ def echo_worker(endpoint: str, count: int, ready: threading.Event) -> None:
     for _ in range(count):
         job = p.decode(sock.recv_multipart())
         assert isinstance(job, p.Job)
-        sock.send_multipart(p.encode(p.Done(work_id=job.work_id, attempt=job.attempt, images=(), seconds=0.0)))
+        sock.send_multipart(p.encode(p.Done(job_id=job.job_id, attempt=job.attempt, images=(), seconds=0.0)))
     sock.close(linger=1000)
 
 

@@ -27,23 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def measure(args: argparse.Namespace) -> dict:
-    import torch
-
+def _setup(args: argparse.Namespace):
+    """The tiny model, two UNet-only LoRAs, one prompt's record and the render settings."""
     from sdxl_split.denoiser_service.config import RenderConfig
-    from sdxl_split.denoiser_service.denoise import Denoiser
-    from sdxl_split.denoiser_service.lora_bank import LoraBank
-    from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
     from sdxl_split.encoder_service.text_side import TextSide
     from sdxl_split.shared.embeddings import Embeddings
     from sdxl_split.shared.encoding_settings import encoding_settings
     from sdxl_split.shared.loras import LoraFinder
-    from sdxl_split.shared.memory import MemoryMeter
     from sdxl_split.shared.models.resolve import resolve_model
     from sdxl_split.shared.models.test_assets import tiny_lora
     from sdxl_split.shared.prompts import PromptEntry
 
-    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="sdxl-split-lora-"))
     (root / "loras").mkdir()
     for n, name in enumerate(("style", "detail")):
@@ -53,15 +47,21 @@ def measure(args: argparse.Namespace) -> dict:
     uses = {name: finder.find(name).use(0.8) for name in ("style", "detail")}
     entry = PromptEntry(line=1, prompt="a lighthouse at dusk")
     tensors = TextSide(source, "cpu", "fp32").encode([entry], None)[0].tensors
-    record = Embeddings(key="0" * 64, texts=entry.texts(), settings=encoding_settings(source, root / "cache", "fp32",
-                                                                                         None), tensors=tensors)
+    settings = encoding_settings(source, root / "cache", "fp32", None)
+    record = Embeddings(key="0" * 64, texts=entry.texts(), settings=settings, tensors=tensors)
     config = RenderConfig(out_dir=root / "out", width=args.size, height=args.size, steps=args.steps)
-    meter = MemoryMeter()
+    return source, finder, uses, record, config
 
-    def denoiser() -> tuple[Denoiser, LoraBank]:
-        pipe = load_denoiser_pipeline(source, config)
-        bank = LoraBank(pipe, finder)
-        return Denoiser(pipe, config, meter, loras=bank), bank
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sdxl_split.denoiser_service.pipeline import build_denoiser
+    from sdxl_split.shared.memory import MemoryMeter
+
+    torch.set_num_threads(args.threads)
+    source, finder, uses, record, config = _setup(args)
+    meter = MemoryMeter()
 
     def timed(render, loras_for) -> list[float]:
         render.render(record, 0, 1, loras_for(0))  # warm-up
@@ -72,18 +72,17 @@ def measure(args: argparse.Namespace) -> dict:
             seconds.append(time.perf_counter() - started)
         return seconds
 
-    plain, bank = denoiser()
+    plain = build_denoiser(source, config, meter, finder)
     rows = {"none": timed(plain, lambda job: ())}
     first = []
     for name in ("style", "detail"):
         started = time.perf_counter()
-        bank.apply((uses[name],))
+        plain.loras.apply((uses[name],))
         first.append(time.perf_counter() - started)
     rows["first load (adapter only)"] = first
     rows["same"] = timed(plain, lambda job: (uses["style"],))
     rows["alternating"] = timed(plain, lambda job: (uses["style" if job % 2 else "detail"],))
-    fused, fused_bank = denoiser()
-    fused_bank.fuse((uses["style"],))
+    fused = build_denoiser(source, config, meter, finder, fuse=(uses["style"],))
     rows["fused"] = timed(fused, lambda job: (uses["style"],))
     meter.close()
     median_ms = {name: statistics.median(values) * 1000 for name, values in rows.items()}

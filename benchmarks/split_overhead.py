@@ -52,13 +52,13 @@ for n, prompt in enumerate(prompts.read_text().splitlines()):
 
 NOOP_DENOISER = r"""
 import sys, threading
-from sdxl_split.denoiser_service.worker import Worker, WorkerConfig
+from sdxl_split.denoiser_service.denoiser_loop import DenoiserLoop, DenoiserLoopConfig
 from sdxl_split.shared import protocol as p
 
 def load():
-    return lambda job: p.Done(work_id=job.work_id, attempt=job.attempt, images=(), seconds=0.0)
+    return lambda job: p.Done(job_id=job.job_id, attempt=job.attempt, images=(), seconds=0.0)
 
-Worker(WorkerConfig(endpoint=sys.argv[1], credits=2, name="noop")).run(load, threading.Event())
+DenoiserLoop(DenoiserLoopConfig(endpoint=sys.argv[1], credits=2, name="noop")).run(load, threading.Event())
 """
 
 

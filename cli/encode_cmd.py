@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, read_prompts, resolve
-from sdxl_split.cli.options import Encoding, command_for, encoding_options, link_options, threads_option
+from sdxl_split.cli.options import (
+    Encoding,
+    command_for,
+    encoding_options,
+    faults_option,
+    link_options,
+    threads_option,
+)
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -20,10 +27,11 @@ from sdxl_split.shared.settings import GlobalOptions
               help="Prompts per forward pass. 1 is bit-identical to diffusers; more is faster.")
 @threads_option()
 @link_options
+@faults_option()
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_obj
 def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | None, bind: str, wait_s: float,
-           curve_dir: Path | None, max_attempts: int, job_timeout: float | None, throttle: float, as_json: bool,
+           curve_dir: Path | None, max_attempts: int, job_timeout: float | None, faults, as_json: bool,
            **kw) -> None:
     """Encode every prompt of PROMPTS into the embedding cache and stream them to denoisers.
 
@@ -44,7 +52,7 @@ def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | N
     from sdxl_split.shared.wakeup import StopFlag
 
     encoding = Encoding.pop_from(kw)
-    spec = encode_spec(opts, prompts, encoding, batch_size, bind, wait_s, curve_dir, max_attempts, throttle,
+    spec = encode_spec(opts, prompts, encoding, batch_size, bind, wait_s, curve_dir, max_attempts, faults,
                        threads, job_timeout)
     stop = StopFlag()
     install_stop_handlers(stop)
@@ -60,11 +68,12 @@ def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | N
 
 
 def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_size: int, bind: str, wait_s: float,
-                curve_dir: Path | None, max_attempts: int, throttle: float = 0.0, threads: int | None = None,
+                curve_dir: Path | None, max_attempts: int, faults=None, threads: int | None = None,
                 job_timeout: float | None = None):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
     from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
     from sdxl_split.encoder_service.spec import EncodeSpec
+    from sdxl_split.shared.faults import Faults
     from sdxl_split.shared.security import is_loopback
 
     prompt_file = read_prompts(opts, prompts, encoding)
@@ -81,7 +90,7 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
         settings=encoding.settings(source, opts.cache_dir), cache_dir=opts.cache_dir,
         config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts,
                                        job_timeout_s=job_timeout),
-        wait_s=wait_s, throttle_s=throttle, extras=encoding.extras())
+        wait_s=wait_s, extras=encoding.extras(), faults=faults or Faults())
 
 
 def print_summary(summary: dict, spec, render_later: str) -> None:

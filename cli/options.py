@@ -106,9 +106,22 @@ def link_options(func):
                      help="Encrypt and authenticate with CurveZMQ: the encoder/ folder from `keys init`."),
         max_attempts_option(),
         job_timeout_option(),
-        click.option("--throttle", type=float, default=0.0, hidden=True,
-                     help="Test hook: seconds to serve the link after each prompt."),
     ])
+
+
+def faults_option():
+    """Faults for tests to inject (shared.faults), hidden from --help."""
+    return click.option("--fault", "faults", multiple=True, hidden=True, metavar="NAME=VALUE",
+                        callback=lambda ctx, param, values: _faults(values))
+
+
+def _faults(values: tuple[str, ...]):
+    from sdxl_split.shared.faults import parse_faults
+
+    try:
+        return parse_faults(values)
+    except Exception as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def max_attempts_option():

@@ -15,6 +15,7 @@ from sdxl_split.cli.options import (
     command_for,
     credits_option,
     encoding_options,
+    faults_option,
     threads_option,
 )
 from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
@@ -33,8 +34,7 @@ MAX_LISTED = 10
 @click.option("--serve", is_flag=True, help="Keep serving encode runs one after another.")
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="CurveZMQ keys of this GPU box: its denoisers/NAME/ folder from `keys init`.")
-@click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: sleep before each job.")
-@click.option("--hang-on-job", type=int, default=0, hidden=True, help="Test hook: the Nth job's render hangs.")
+@faults_option()
 @threads_option()
 @encoding_options
 @lora_serving_options
@@ -42,8 +42,7 @@ MAX_LISTED = 10
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_context
 def render(ctx: click.Context, prompts: Path | None, connect: str | None, credits: int, serve: bool,
-           curve_dir: Path | None, job_delay: float, hang_on_job: int, threads: int | None, as_json: bool,
-           **kw) -> None:
+           curve_dir: Path | None, faults, threads: int | None, as_json: bool, **kw) -> None:
     """Render images with the UNet and a VAE only; no text encoder is ever loaded.
 
     Without --prompts, connects to an encoder (`sdxl-split encode`, default endpoint
@@ -61,21 +60,21 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     config = render_config_from(kw)
     if prompts is None:
         spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
-                             lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
-        serve_stream(opts, spec, connect, credits, serve, curve_dir, job_delay, hang_on_job, as_json)
+                             lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"], faults=faults)
+        serve_stream(opts, spec, connect, credits, serve, curve_dir, as_json)
         return
     if ctx.get_parameter_source("connect") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--prompts renders from the cache and --connect from an encoder; pick one")
-    from sdxl_split.denoiser_service.service import find_cached, render_jobs
+    from sdxl_split.denoiser_service.service import find_cached, render_batches
     from sdxl_split.shared.embedding_cache import EmbeddingCache
     from sdxl_split.shared.memory import format_memory_line
 
     prompt_file = read_prompts(opts, prompts, encoding)
     check_seeds(prompts, prompt_file.entries, config)
     spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
-                         lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
+                         lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"], faults=faults)
     settings = encoding.settings(spec.source, opts.cache_dir)
-    jobs, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
+    batches, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
         notice(f"missing embeddings for {prompts}:{entry.line} {entry.prompt[:60]!r}"
                + (f" ({problem})" if problem else ""))
@@ -84,10 +83,10 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     if missing:
         encode = command_for(opts, ["encode"], prompts, encoding)
         notice(f"{len(missing)} of {len(prompt_file.entries)} prompts are not in the cache; encode them with: {encode}")
-    with tqdm(total=sum(job.count for job in jobs), unit="img", desc="render", disable=True if as_json else None,
-              leave=False) as bar:
-        result = render_jobs(
-            spec, jobs, notice=lambda m: tqdm.write(m, file=sys.stderr), on_images=bar.update,
+    with tqdm(total=sum(batch.count for batch in batches), unit="img", desc="render",
+              disable=True if as_json else None, leave=False) as bar:
+        result = render_batches(
+            spec, batches, notice=lambda m: tqdm.write(m, file=sys.stderr), on_images=bar.update,
             on_error=lambda entry, reason: tqdm.write(f"error: {prompts}:{entry.line}: {reason}", file=sys.stderr))
     stats = result.stats
     if as_json:
@@ -104,27 +103,29 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
 def check_seeds(path: Path, entries, config) -> None:
     """A line's own seed with this run's image count must stay in range (image i uses seed+i)."""
     from sdxl_split.shared.errors import UserError
-    from sdxl_split.shared.prompts import MAX_SEED
+    from sdxl_split.shared.prompts import seed_range_problem
 
     for entry in entries:
-        if entry.seed is not None and entry.seed + (entry.count or config.images_per_prompt) - 1 > MAX_SEED:
-            raise UserError(f"{path}:{entry.line}: seed {entry.seed} with "
-                            f"{entry.count or config.images_per_prompt} images would go past {MAX_SEED}")
+        if entry.seed is not None and (problem := seed_range_problem(entry.seed,
+                                                                     entry.count or config.images_per_prompt)):
+            raise UserError(f"{path}:{entry.line}: {problem}")
 
 
 def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, threads: int | None = None,
-                  metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False):
+                  metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False, faults=None):
     """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
     from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
+    from sdxl_split.shared.faults import Faults
 
     source = source or resolve(opts)
     identity = model_identity(source, opts.cache_dir, full_metadata=metadata == "full")
     return DenoiserSpec(source=source, identity=identity, config=config, cache_dir=opts.cache_dir, threads=threads,
-                        extras=encoding.extras(), lora_cache=lora_cache, fuse_lora=fuse_lora)
+                        extras=encoding.extras(), lora_cache=lora_cache, fuse_lora=fuse_lora,
+                        faults=faults or Faults())
 
 
 def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, serve: bool, curve_dir: Path | None,
-                 job_delay: float, hang_on_job: int, as_json: bool) -> None:
+                 as_json: bool) -> None:
     """Take jobs from a live encoder until it says BYE (or forever with --serve)."""
     from sdxl_split.denoiser_service.service import serve as serve_jobs
     from sdxl_split.denoiser_service.spec import ServeSpec
@@ -135,8 +136,7 @@ def serve_stream(opts: GlobalOptions, spec, connect: str | None, credits: int, s
     endpoint = check_endpoint(connect or DEFAULT_ENDPOINT, "--connect")
     stop = StopFlag()
     install_stop_handlers(stop)
-    served = ServeSpec(denoiser=spec, endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir,
-                       job_delay_s=job_delay, hang_on_job=hang_on_job)
+    served = ServeSpec(denoiser=spec, endpoint=endpoint, credits=credits, serve=serve, curve_dir=curve_dir)
     result = serve_jobs(served, stop, notice=lambda m: tqdm.write(m, file=sys.stderr))
     if as_json:
         print_json({"stats": result.stats, "memory": result.memory, "config": spec.config.as_dict(),

@@ -11,7 +11,14 @@ import click
 
 from sdxl_split.cli.common import notice
 from sdxl_split.cli.encode_cmd import encode_spec
-from sdxl_split.cli.options import Encoding, credits_option, encoding_options, job_timeout_option, max_attempts_option
+from sdxl_split.cli.options import (
+    Encoding,
+    credits_option,
+    encoding_options,
+    faults_option,
+    job_timeout_option,
+    max_attempts_option,
+)
 from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
 from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
 from sdxl_split.cli.run_ray import RAY_ONLY, check_engine_options, ray_options, run_with_ray
@@ -37,11 +44,11 @@ ENCODER_ENTRY = "sdxl_split.encoder_service.service:child_main"
 @credits_option()
 @max_attempts_option()
 @job_timeout_option()
-@click.option("--job-delay", type=float, default=0.0, hidden=True, help="Test hook: denoisers sleep before each job.")
+@faults_option()
 @ray_options
 @click.pass_context
 def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits: int, max_attempts: int,
-        job_timeout: float | None, job_delay: float, **kw) -> None:
+        job_timeout: float | None, faults, **kw) -> None:
     """Encode PROMPTS and render them, each side in its own process.
 
     The encoder runs on --encoder-device (cpu), the denoiser(s) on --device (cuda if present).
@@ -56,7 +63,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     opts: GlobalOptions = ctx.obj
     check_engine_options(ctx, engine, denoisers)
     if engine == "ray":
-        run_with_ray(opts, prompts, denoisers, kw)
+        run_with_ray(opts, prompts, denoisers, faults, kw)
         return
     for name in RAY_ONLY:
         kw.pop(name)
@@ -75,7 +82,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
         endpoint = f"ipc://{workdir}/link.ipc"
         # The whole prompt file and the model are checked before any process starts.
         encoding = encode_spec(opts, prompts, choice, batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S,
-                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout)
+                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout, faults=faults)
         children = ChildGroup([ChildSpec(f"denoiser-{n}", DENOISER_ENTRY) for n in range(denoisers)],
                               ChildSpec("encoder", ENCODER_ENTRY), opts.verbosity, notice)
         with children:
@@ -90,8 +97,9 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
             check_seeds(prompts, encoding.entries, config)
             serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source,
                                                        metadata=kw["metadata"], lora_cache=kw["lora_cache"],
-                                                       fuse_lora=kw["fuse_lora"], threads=denoiser_threads),
-                                endpoint=endpoint, credits=credits, job_delay_s=job_delay)
+                                                       fuse_lora=kw["fuse_lora"], threads=denoiser_threads,
+                                                       faults=faults),
+                                endpoint=endpoint, credits=credits)
             if _all_rendered(encoding, serving, config, choice, opts):
                 return
             outcome = children.run(specs.dumps(serving), specs.dumps(encoding))

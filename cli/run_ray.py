@@ -17,8 +17,8 @@ from sdxl_split.shared.settings import GlobalOptions
 MAX_LISTED = 10
 MAX_LOCAL_DENOISERS = 16
 # `run` options that only the ZeroMQ engine has; Ray retries and places work itself.
-ZMQ_ONLY = ("credits", "max_attempts", "job_timeout", "job_delay")
-RAY_ONLY = ("ray_address", "encoders", "encoder_cpus", "denoiser_cpus", "kill_denoiser_after")
+ZMQ_ONLY = ("credits", "max_attempts", "job_timeout")
+RAY_ONLY = ("ray_address", "encoders", "encoder_cpus", "denoiser_cpus")
 
 
 def ray_options(func):
@@ -33,8 +33,6 @@ def ray_options(func):
         click.option("--denoiser-cpus", type=click.FloatRange(0.25, 256), default=1.0, show_default=True,
                      help="--engine ray: CPUs each denoiser actor asks for (its torch threads on a CPU: this, rounded "
                           "up; with --device cuda it also asks for one GPU)."),
-        click.option("--kill-denoiser-after", type=int, default=0, hidden=True,
-                     help="Test hook: the first denoiser actor to write this many new images is SIGKILLed."),
     ])
 
 
@@ -52,7 +50,7 @@ def check_engine_options(ctx: click.Context, engine: str, denoisers: int) -> Non
         raise click.UsageError(f"{flags} only applies to --engine {other}")
 
 
-def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -> None:
+def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw: dict) -> None:
     from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
     from sdxl_split.denoiser_service.work_plan import plan_jobs
     from sdxl_split.encoder_service.config import EncodeConfig
@@ -70,7 +68,8 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -
                          denoisers=denoisers, denoiser_cpus=kw["denoiser_cpus"], denoiser_gpus=1 if on_gpu else 0)
     source = resolve(opts)
     denoiser = denoiser_spec(opts, config, choice, source, threads=1 if on_gpu else math.ceil(options.denoiser_cpus),
-                             metadata=kw["metadata"], lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"])
+                             metadata=kw["metadata"], lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
+                             faults=faults)
     settings = choice.settings(source, opts.cache_dir)
     plan = plan_jobs(prompt_file.entries, settings, choice.extras().resolver(opts.cache_dir), config,
                      denoiser.identity)
@@ -85,10 +84,7 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, kw: dict) -
         source=source, settings=settings, cache_dir=opts.cache_dir, extras=choice.extras(), probe="",
         config=EncodeConfig(device=check_device(choice.encoder_device, "--encoder-device"), dtype=choice.dtype,
                             clip_skip=choice.clip_skip, threads=math.ceil(options.encoder_cpus)))
-    result = run_on_ray(plan, encoding, DenoiseStageSpec(denoiser=denoiser, probe="",
-                                                          kill_after_images=kw["kill_denoiser_after"],
-                                                          kill_marker=str(config.out_dir / ".sdxl-split-test-kill")),
-                        options, notice)
+    result = run_on_ray(plan, encoding, DenoiseStageSpec(denoiser=denoiser, probe=""), options, notice)
     _report(result, config.out_dir, prompts)
     if result.errors:
         sys.exit(EXIT_SOME_FAILED)

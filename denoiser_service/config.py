@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
-from sdxl_split.shared.prompts import MAX_SEED
+from sdxl_split.shared.prompts import seed_range_problem
 
 ATTENTION = ("sdpa", "default")
 VAE_KINDS = ("full", "tiny")
@@ -117,9 +117,8 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError(f"{config.images_per_prompt} images of {config.width}x{config.height} in one batch are "
                         f"{pixels / 1e6:.0f} M pixels, over the {MAX_BATCH_PIXELS / 1e6:.0f} M a job may hold; "
                         "lower --images-per-prompt or --size")
-    if config.seed + config.images_per_prompt - 1 > MAX_SEED:
-        raise UserError(f"--seed {config.seed} with {config.images_per_prompt} images would go past "
-                        f"{MAX_SEED} (image i uses seed+i); use a smaller seed")
+    if problem := seed_range_problem(config.seed, config.images_per_prompt):
+        raise UserError(f"--seed: {problem}; use a smaller seed")
     if config.device.startswith("cuda") and not cuda_available:
         raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
     if config.offload != "none" and not on_gpu:

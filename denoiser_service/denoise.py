@@ -29,6 +29,13 @@ def needs_fp32_decode(vae: torch.nn.Module) -> bool:
     return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
 
+def unet_widths(unet: torch.nn.Module) -> tuple[int, int]:
+    """(prompt_embeds width, pooled width) this UNet accepts, read from its config."""
+    cfg = unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return int(cfg.cross_attention_dim), int(pooled)
+
+
 def generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded seed+i, so seeds reproduce across devices and processes."""
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
@@ -42,9 +49,7 @@ class Denoiser:
         self.meter = meter
         # lora_bank.LoraBank: the UNet halves of the jobs' LoRAs; None renders only jobs without any.
         self.loras = loras
-        from sdxl_split.denoiser_service.pipeline import expected_widths
-
-        self.widths = expected_widths(pipe)
+        self.widths = unet_widths(pipe.unet)
 
     def check(self, record: Embeddings) -> None:
         if record.widths != self.widths:
@@ -56,7 +61,10 @@ class Denoiser:
             )
 
     @torch.inference_mode()
-    def render(self, record: Embeddings, seed: int, count: int, loras: tuple = ()) -> Decoded:
+    def render(self, record: Embeddings, seed: int, count: int, loras: tuple = (),
+               config: RenderConfig | None = None) -> Decoded:
+        """`config` overrides the denoiser's own for this call (its size, steps, guidance)."""
+        config = config or self.config
         self.check(record)
         if self.loras is not None:
             self.loras.apply(loras)
@@ -71,17 +79,16 @@ class Denoiser:
                 negative_pooled_prompt_embeds=t["negative_pooled_prompt_embeds"],
                 num_images_per_prompt=count,
                 generator=generators(seed, count),
-                height=self.config.height,
-                width=self.config.width,
-                num_inference_steps=self.config.steps,
-                guidance_scale=self.config.guidance,
+                height=config.height,
+                width=config.width,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
                 output_type="latent",
             ).images
         if not torch.isfinite(latents).all():
             # Said here, at the stage that failed: a VAE given NaN latents would be blamed for them.
-            raise JobError(f"the UNet produced NaN/Inf latents ({self.config.dtype}, guidance "
-                           f"{self.config.guidance:g}); nothing was decoded; in fp16 try --dtype bf16, or a lower "
-                           "--guidance")
+            raise JobError(f"the UNet produced NaN/Inf latents ({config.dtype}, guidance {config.guidance:g}); "
+                           "nothing was decoded; in fp16 try --dtype bf16, or a lower --guidance")
         with self.meter.phase("decode"):
             return self.decode(latents)
 

@@ -1,4 +1,5 @@
-"""The denoiser's DEALER: announces credit, renders JOBs as they arrive, heartbeats, and reconnects with backoff."""
+"""The denoiser's link loop, on the thread that owns its DEALER socket: announces credit, hands JOBs to the render
+thread as they arrive, heartbeats, and reconnects with backoff."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ MAX_BACKOFF_S = 16.0
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class DenoiserLoopConfig:
     endpoint: str
     credits: int = 2
     # Keep serving encode runs one after another instead of exiting after the first one's BYE.
@@ -39,10 +40,6 @@ class WorkerConfig:
     settings_id: str = ""
     heartbeat_s: float = p.HEARTBEAT_INTERVAL_S
     liveness: int = p.HEARTBEAT_LIVENESS
-    # Test hook: seconds to sleep before each job, to make one denoiser slower than another.
-    job_delay_s: float = 0.0
-    # Test hook: the render of this job (1 = the first) never returns, as a stuck CUDA call would.
-    hang_on_job: int = 0
 
 
 # Renders one JOB; returns the DONE or ERROR to send back. Runs on the render thread.
@@ -50,7 +47,7 @@ RenderFn = Callable[[p.Job], "p.Done | p.Error"]
 
 
 @dataclass
-class WorkerStats:
+class LinkStats:
     jobs_done: int = 0
     jobs_failed: int = 0
     reconnects: int = 0
@@ -59,7 +56,7 @@ class WorkerStats:
 
 @dataclass
 class _LinkState:
-    """Where one worker's loop stands."""
+    """Where one denoiser loop stands."""
 
     loading: Future
     render: RenderFn | None = None
@@ -72,15 +69,14 @@ class _LinkState:
     next_beat: float = 0.0
 
 
-class Worker:
-    def __init__(self, config: WorkerConfig, report: Callable[[str], None] = log.warning) -> None:
+class DenoiserLoop:
+    def __init__(self, config: DenoiserLoopConfig, report: Callable[[str], None] = log.warning) -> None:
         self.config = config
         self.report = report
         self.context = zmq.Context()
         self.socket: zmq.Socket | None = None
-        self.stats = WorkerStats()
+        self.stats = LinkStats()
         self._backoff = 1.0
-        self._started_jobs = 0
 
     def _connect(self) -> None:
         if self.socket is not None:
@@ -112,7 +108,7 @@ class Worker:
                        device=self.config.device[:64], out_dir=self.config.out_dir,
                        settings_id=self.config.settings_id)
 
-    def run(self, load: Callable[[], RenderFn], stop: threading.Event) -> WorkerStats:
+    def run(self, load: Callable[[], RenderFn], stop: threading.Event) -> LinkStats:
         """Serve until the encoder says BYE (or forever with serve=True) or `stop` is set."""
         # Connect first: a bad endpoint or key file fails now, not after minutes of loading weights.
         self._connect()
@@ -222,17 +218,13 @@ class Worker:
             job = p.job_identity(frames)
             if job is not None:
                 # Say so: the encoder would otherwise hold the job, and our credit, until we die.
-                self._send(p.Error(work_id=job[0], attempt=job[1], reason=p.reason_text(f"JOB refused: {err}")))
+                self._send(p.Error(job_id=job[0], attempt=job[1], reason=p.reason_text(f"JOB refused: {err}")))
             return None
 
-    def _render_one(self, render: RenderFn, job: p.Job) -> p.Done | p.Error:
-        self._started_jobs += 1
-        if self._started_jobs == self.config.hang_on_job:
-            threading.Event().wait()
-        if self.config.job_delay_s:
-            time.sleep(self.config.job_delay_s)
+    @staticmethod
+    def _render_one(render: RenderFn, job: p.Job) -> p.Done | p.Error:
         try:
             return render(job)
         except Exception as err:  # one job's failure (e.g. CUDA OOM) is reported, and the next job runs
             reason = p.reason_text(f"{type(err).__name__}: {err}")
-            return p.Error(work_id=job.work_id, attempt=job.attempt, reason=reason)
+            return p.Error(job_id=job.job_id, attempt=job.attempt, reason=reason)

@@ -14,6 +14,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl_split.shared.atomic import append_line, atomic_write_bytes
+from sdxl_split.shared.digests import sha256_of
 
 MANIFEST = "manifest.jsonl"
 CONFIG_CHUNK = "sdxl-split"
@@ -22,7 +23,7 @@ CONFIG_CHUNK = "sdxl-split"
 @dataclass(frozen=True)
 class ImageMeta:
     image_id: str
-    job_id: str
+    render_id: str
     index: int
     seed: int
     prompt: str
@@ -55,7 +56,8 @@ def png_bytes(image: Image.Image, meta: ImageMeta) -> bytes:
     info = PngInfo()
     info.add_text("parameters", meta.a1111_parameters())
     info.add_text(CONFIG_CHUNK, json.dumps({
-        "image_id": meta.image_id, "job_id": meta.job_id, "index": meta.index, "seed": meta.seed,
+        # "job_id" holds the render id: the key is kept so that files stay byte-identical to earlier releases.
+        "image_id": meta.image_id, "job_id": meta.render_id, "index": meta.index, "seed": meta.seed,
         "embedding_key": meta.embedding_key, "model": meta.model, "config": meta.config,
         **({"model_source": meta.model_source} if meta.model_source else {}),
     }, sort_keys=True))
@@ -110,7 +112,7 @@ class OutputDir:
     def adopt(self, filename: str, meta: ImageMeta) -> WrittenImage:
         """An image a previous run finished: keep it, and make sure the manifest lists it."""
         path = self.root / filename
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_of(path)
         self.record(filename, digest, meta)
         return WrittenImage(path=path, sha256=digest, existed=True)
 
@@ -126,7 +128,7 @@ class OutputDir:
     def record(self, filename: str, digest: str, meta: ImageMeta) -> None:
         """List the image in manifest.jsonl once, even with several processes writing into this folder."""
         line = json.dumps({
-            "image_id": meta.image_id, "job_id": meta.job_id, "file": filename, "sha256": digest,
+            "image_id": meta.image_id, "job_id": meta.render_id, "file": filename, "sha256": digest,
             "index": meta.index, "seed": meta.seed, "prompt": meta.prompt, "negative_prompt": meta.negative_prompt,
             "embedding_key": meta.embedding_key, "time": time.time(),
         }, sort_keys=True, ensure_ascii=False)

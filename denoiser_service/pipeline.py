@@ -9,13 +9,16 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
 from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
-from sdxl_split.denoiser_service.denoise import needs_fp32_decode
+from sdxl_split.denoiser_service.denoise import Denoiser, needs_fp32_decode
 from sdxl_split.denoiser_service.fused_projections import fuse_projections
+from sdxl_split.denoiser_service.lora_bank import LoraBank
 from sdxl_split.denoiser_service.offload_groups import apply_sized_group_offload
 from sdxl_split.denoiser_service.quantize import quantize_unet
 from sdxl_split.denoiser_service.unet_batch import limit_unet_batch
 from sdxl_split.shared.embeddings import DTYPES
 from sdxl_split.shared.errors import ModelNotFoundError, first_line
+from sdxl_split.shared.loras import LoraFinder, LoraUse
+from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.builder import TINY_VAE_SUBFOLDER
 from sdxl_split.shared.models.loading import DENOISE_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
@@ -129,8 +132,17 @@ def place(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> StableDiffus
     return pipe
 
 
-def load_denoiser_pipeline(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:
-    return place(load_weights(source, config), config)
+def build_denoiser(source: ModelSource, config: RenderConfig, meter: MemoryMeter, lora_finder: LoraFinder | None = None,
+                   lora_cache: int = 8, fuse: tuple[LoraUse, ...] = ()) -> Denoiser:
+    """What every denoiser runs (the service, the bench, the tests): the weights loaded, a fixed LoRA set fused into
+    them (--fuse-lora) before anything copies them, then placed. With a `lora_finder`, jobs may bring LoRAs."""
+    with meter.phase("load"):
+        pipe = load_weights(source, config)
+        bank = LoraBank(pipe, lora_finder, lora_cache) if lora_finder is not None else None
+        if fuse and bank is not None:
+            bank.fuse(fuse)
+        place(pipe, config)
+    return Denoiser(pipe, config, meter, loras=bank)
 
 
 def compile_modules(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> None:
@@ -145,13 +157,3 @@ def compile_modules(pipe: StableDiffusionXLPipeline, config: RenderConfig) -> No
         # The decoder alone (the denoiser never encodes images); the wrapper keeps its parameters, so the
         # fp32 upcast around each decode still reaches them.
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, fullgraph=True)
-
-
-def expected_widths(pipe: StableDiffusionXLPipeline) -> tuple[int, int]:
-    """(prompt_embeds width, pooled width) this UNet accepts, read from its config."""
-    cfg = pipe.unet.config
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    return int(cfg.cross_attention_dim), int(pooled)
-
-
-

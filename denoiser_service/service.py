@@ -1,4 +1,4 @@
-"""The denoiser as a service, the counterpart of encoder_service/streaming.py: render a prompt file's cached
+"""The denoiser as a service, the counterpart of encoder_service/service.py: render a prompt file's cached
 embeddings, or serve a live encoder's jobs, from one frozen spec. Notices and progress go to callbacks."""
 
 from __future__ import annotations
@@ -6,12 +6,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from sdxl_split.denoiser_service.denoise import Denoiser
-from sdxl_split.denoiser_service.lora_bank import LoraBank
+from sdxl_split.denoiser_service.naming import ImageBatch, image_batch
 from sdxl_split.denoiser_service.outputs import OutputDir
-from sdxl_split.denoiser_service.render_loop import Renderer, RenderJob, RenderStats, make_job
+from sdxl_split.denoiser_service.renderer import Renderer, RenderStats
 from sdxl_split.denoiser_service.spec import DenoiserSpec, ServeSpec
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
@@ -25,14 +24,15 @@ from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.threads import use_threads
 
 Notice = Callable[[str], None]
+Reply = p.Done | p.Error
 
 
-def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Callable[[], Denoiser]:
+def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Callable:
     """Loads on first call; diffusers is imported only then, so a run whose images all exist never pays."""
     config = spec.config
 
-    def load() -> Denoiser:
-        from sdxl_split.denoiser_service.pipeline import load_weights, place
+    def load():
+        from sdxl_split.denoiser_service.pipeline import build_denoiser
 
         notice(f"loading UNet + {config.vae} VAE of {spec.source.description} on {config.device} ({config.dtype}, "
                f"attention {config.attention}, offload {config.offload}"
@@ -40,18 +40,47 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
         if config.compile or config.compile_vae:
             notice("--compile: the first image compiles (slow; minutes with max-autotune); a new size or batch "
                    "recompiles")
-        with meter.phase("load"):
-            pipe = load_weights(spec.source, config)
-            finder = LoraFinder(spec.extras.lora_dir, spec.cache_dir)
-            bank = LoraBank(pipe, finder, spec.lora_cache)
-            if spec.fuse_lora:
-                # Into the plain weights, before fused projections, offload copies or compilation take them over.
-                loras = [(finder.find(name), scale) for name, scale in spec.extras.run_loras]
-                bank.fuse(tuple(lora.use(scale) for lora, scale in loras if lora.unet))
-            place(pipe, config)
-        return Denoiser(pipe, config, meter, loras=bank)
+        finder = LoraFinder(spec.extras.lora_dir, spec.cache_dir)
+        fuse = ()
+        if spec.fuse_lora:
+            found = [(finder.find(name), scale) for name, scale in spec.extras.run_loras]
+            fuse = tuple(lora.use(scale) for lora, scale in found if lora.unet)
+        return build_denoiser(spec.source, config, meter, finder, spec.lora_cache, fuse)
 
     return load
+
+
+# ---- the one seam where test faults (shared.faults) enter a denoiser: its output folder and its render function
+
+
+def renderer_for(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Renderer:
+    """A renderer writing into --out; the model loads on its first render."""
+    return Renderer(denoiser_loader(spec, meter, notice), spec.faults.wrap_output(OutputDir(spec.config.out_dir)))
+
+
+def reply_function(renderer: Renderer, spec: DenoiserSpec) -> Callable[[p.Job], Reply]:
+    """Render one wire job into its DONE or ERROR."""
+    return spec.faults.wrap_render(lambda job: job_reply(renderer, spec, job))
+
+
+def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> Reply:
+    """Render one wire job; a per-job failure becomes an ERROR, so the encoder can retry it elsewhere."""
+    started = time.perf_counter()
+    try:
+        written = renderer.run(image_batch(job.entry, job.record, spec.config, spec.identity, job.loras))
+    except JobError as err:
+        return p.Error(job_id=job.job_id, attempt=job.attempt, reason=p.reason_text(str(err)))
+    except OSError as err:
+        # This denoiser's disk (full, read-only...), not the job: it stays pending for another denoiser.
+        where = f" writing {err.filename}" if err.filename else ""
+        return p.Error(job_id=job.job_id, attempt=job.attempt, scope="denoiser",
+                       reason=p.reason_text(f"{err.strerror or err}{where}; the job stays pending for another "
+                                            "denoiser or a re-run"))
+    return p.Done(job_id=job.job_id, attempt=job.attempt, seconds=time.perf_counter() - started,
+                  images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
+
+
+# ---- rendering a prompt file's cached embeddings (render --prompts)
 
 
 @dataclass
@@ -60,45 +89,44 @@ class CacheRender:
 
     stats: RenderStats
     memory: dict
-    errors: list[tuple[PromptEntry, str]] = field(default_factory=list)
 
 
 def find_cached(spec: DenoiserSpec, entries: tuple[PromptEntry, ...], settings: EncodingSettings,
-                cache: EmbeddingCache) -> tuple[list[RenderJob], list[tuple[PromptEntry, str | None]]]:
-    """The jobs whose embeddings are cached, and the entries with no valid cache file (and why, if it is bad)."""
-    jobs: list[RenderJob] = []
+                cache: EmbeddingCache) -> tuple[list[ImageBatch], list[tuple[PromptEntry, str | None]]]:
+    """The batches whose embeddings are cached, and the entries with no valid cache file (and why, if it is bad)."""
+    batches: list[ImageBatch] = []
     missing: list[tuple[PromptEntry, str | None]] = []
     resolver = spec.extras.resolver(spec.cache_dir)
     for entry in entries:
         extras = resolver.resolve(entry)
         found = cache.lookup(entry_key(entry, settings, extras))
         if isinstance(found, Hit):
-            jobs.append(make_job(entry, found.record, spec.config, spec.identity, extras.unet_loras))
+            batches.append(image_batch(entry, found.record, spec.config, spec.identity, extras.unet_loras))
         else:
             missing.append((entry, found.problem if isinstance(found, Bad) else None))
-    return jobs, missing
+    return batches, missing
 
 
-def render_jobs(spec: DenoiserSpec, jobs: list[RenderJob], notice: Notice,
-                on_images: Callable[[int], None] = lambda n: None,
-                on_error: Callable[[PromptEntry, str], None] = lambda entry, reason: None) -> CacheRender:
-    """Render each job (or find its images already there); a job that fails is reported and the rest go on."""
+def render_batches(spec: DenoiserSpec, batches: list[ImageBatch], notice: Notice,
+                   on_images: Callable[[int], None] = lambda n: None,
+                   on_error: Callable[[PromptEntry, str], None] = lambda entry, reason: None) -> CacheRender:
+    """Render each batch (or find its images already there); one that fails is reported and the rest go on."""
     use_threads(spec.threads)
     meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
-    renderer = Renderer(denoiser_loader(spec, meter, notice), OutputDir(spec.config.out_dir))
-    result = CacheRender(stats=renderer.stats, memory={})
+    renderer = renderer_for(spec, meter, notice)
     try:
-        for job in jobs:
+        for batch in batches:
             try:
-                renderer.run(job)
+                renderer.run(batch)
             except JobError as err:
-                result.errors.append((job.entry, str(err)))
-                on_error(job.entry, str(err))
-            on_images(job.count)
-        result.memory = meter.summary()
+                on_error(batch.entry, str(err))
+            on_images(batch.count)
+        return CacheRender(stats=renderer.stats, memory=meter.summary())
     finally:
         meter.close()
-    return result
+
+
+# ---- serving a live encoder (render, run's denoisers)
 
 
 @dataclass
@@ -107,48 +135,30 @@ class ServeResult:
     memory: dict
 
 
-def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> p.Done | p.Error:
-    """Render one wire job; a per-job failure becomes an ERROR, so the encoder can retry it elsewhere."""
-    started = time.perf_counter()
-    try:
-        written = renderer.run(make_job(job.entry, job.record, spec.config, spec.identity, job.loras))
-    except JobError as err:
-        return p.Error(work_id=job.work_id, attempt=job.attempt, reason=p.reason_text(str(err)))
-    except OSError as err:
-        # This denoiser's disk (full, read-only...), not the job: it stays pending for another denoiser.
-        where = f" writing {err.filename}" if err.filename else ""
-        return p.Error(work_id=job.work_id, attempt=job.attempt, scope="denoiser",
-                       reason=p.reason_text(f"{err.strerror or err}{where}; the job stays pending for another "
-                                            "denoiser or a re-run"))
-    return p.Done(work_id=job.work_id, attempt=job.attempt, seconds=time.perf_counter() - started,
-                  images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
-
-
 def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
           on_ready: Callable[[], None] = lambda: None) -> ServeResult:
     """Take jobs from a live encoder until it says BYE (or forever with serve=True) or `stop` is set."""
-    from sdxl_split.denoiser_service.worker import Worker, WorkerConfig
+    from sdxl_split.denoiser_service.denoiser_loop import DenoiserLoop, DenoiserLoopConfig
 
     config = spec.denoiser.config
     use_threads(spec.denoiser.threads)
     meter = MemoryMeter(cuda_device=cuda_index(config.device))
     # The renderer loads the UNet on first use; load() below is that first use, run on the render thread.
-    renderer = Renderer(denoiser_loader(spec.denoiser, meter, notice), OutputDir(config.out_dir))
+    renderer = renderer_for(spec.denoiser, meter, notice)
 
-    def load() -> Callable[[p.Job], p.Done | p.Error]:
+    def load() -> Callable[[p.Job], Reply]:
         use_threads(spec.denoiser.threads)  # this is the render thread, where every job runs
         renderer.denoiser  # readiness means the model is loaded, not merely that we connected  # noqa: B018
         on_ready()
         notice(f"denoiser ready; taking jobs from {spec.endpoint}")
-        return lambda job: job_reply(renderer, spec.denoiser, job)
+        return reply_function(renderer, spec.denoiser)
 
-    worker_config = WorkerConfig(
+    loop_config = DenoiserLoopConfig(
         endpoint=spec.endpoint, credits=spec.credits, serve=spec.serve, curve_dir=spec.curve_dir,
-        device=config.device, out_dir=str(config.out_dir.resolve()), job_delay_s=spec.job_delay_s,
-        hang_on_job=spec.hang_on_job,
+        device=config.device, out_dir=str(config.out_dir.resolve()),
         settings_id=settings_id(config.pixel_settings(), spec.denoiser.identity.fingerprint))
     try:
-        stats = Worker(worker_config, report=notice).run(load, stop)
+        stats = DenoiserLoop(loop_config, report=notice).run(load, stop)
         memory = meter.summary()
     except UserError:
         raise

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.render_loop import ModelIdentity
+from sdxl_split.denoiser_service.naming import ModelIdentity
 from sdxl_split.shared.digests import file_sha256
+from sdxl_split.shared.faults import Faults
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, display_name, fingerprint
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 
@@ -28,6 +29,7 @@ class DenoiserSpec:
     # LoRA adapters kept loaded at once; or the run's --lora set fused into the UNet (and no other accepted).
     lora_cache: int = 8
     fuse_lora: bool = False
+    faults: Faults = Faults()
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,6 @@ class ServeSpec:
     # Keep serving encode runs one after another instead of exiting after the first one's BYE.
     serve: bool = False
     curve_dir: Path | None = None
-    # Test hooks: seconds to sleep before each job, to make one denoiser slower than another; the job (1 = the
-    # first) whose render never returns, as a stuck CUDA call would.
-    job_delay_s: float = 0.0
-    hang_on_job: int = 0
 
 
 def model_identity(source: ModelSource, cache_dir: Path, full_metadata: bool = False) -> ModelIdentity:

@@ -3,29 +3,29 @@ less the jobs whose images are all in --out with the bytes the manifest recorded
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.naming import ModelIdentity, batch_files
 from sdxl_split.denoiser_service.outputs import OutputDir
-from sdxl_split.denoiser_service.render_loop import ModelIdentity, job_files
+from sdxl_split.shared.digests import intact
 from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
-from sdxl_split.shared.jobs import work_id
+from sdxl_split.shared.jobs import job_id_for
 from sdxl_split.shared.prompt_extras import ExtrasResolver
 from sdxl_split.shared.prompts import PromptEntry
 
 
 @dataclass(frozen=True)
-class PlannedJob:
-    work_id: str
+class JobFiles:
+    job_id: str
     entry: PromptEntry
     files: tuple[str, ...]
 
 
 @dataclass
 class Plan:
-    todo: list[PlannedJob] = field(default_factory=list)
+    todo: list[JobFiles] = field(default_factory=list)
     # Images already in --out, intact, that this run keeps.
     done_images: int = 0
     # Lines that ask for the same work as an earlier line (same embeddings, seed, count and LoRAs).
@@ -42,21 +42,13 @@ class Plan:
                 f"{path.name} and rendered again" for path in self.set_aside]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _intact(out: OutputDir, name: str, recorded: dict[str, str], plan: Plan) -> bool:
     """The file is there with the bytes the manifest lists (or is not listed yet: a rename is atomic, so a file
     that exists is whole, and the denoiser adds its manifest line when it adopts it)."""
     path = out.root / name
     if not path.is_file():
         return False
-    if name not in recorded or _sha256(path) == recorded[name]:
+    if name not in recorded or intact(path, recorded[name]):
         return True
     aside = path.with_name(path.name + ".corrupt")
     path.replace(aside)
@@ -65,23 +57,23 @@ def _intact(out: OutputDir, name: str, recorded: dict[str, str], plan: Plan) -> 
 
 
 def distinct_jobs(entries: tuple[PromptEntry, ...], settings: EncodingSettings, extras: ExtrasResolver,
-                  config: RenderConfig, model: ModelIdentity) -> tuple[list[PlannedJob], int]:
+                  config: RenderConfig, model: ModelIdentity) -> tuple[list[JobFiles], int]:
     """One job per distinct piece of work, with its image names, and how many lines repeated an earlier one.
     Names derive from the embedding key, a hash of the prompt and settings, so nothing needs encoding."""
-    jobs: list[PlannedJob] = []
+    jobs: list[JobFiles] = []
     seen: set[str] = set()
     for entry in entries:
         resolved = extras.resolve(entry)
         key = entry_key(entry, settings, resolved)
-        wid = work_id(key, entry.seed, entry.count, resolved.unet_loras)
-        if wid not in seen:
-            seen.add(wid)
-            jobs.append(PlannedJob(work_id=wid, entry=entry,
-                                   files=job_files(key, entry, config, model, resolved.unet_loras)[3]))
+        job_id = job_id_for(key, entry.seed, entry.count, resolved.unet_loras)
+        if job_id not in seen:
+            seen.add(job_id)
+            jobs.append(JobFiles(job_id=job_id, entry=entry,
+                                   files=batch_files(key, entry, config, model, resolved.unet_loras)[3]))
     return jobs, len(entries) - len(jobs)
 
 
-def check_jobs(jobs: list[PlannedJob], repeated_lines: int, config: RenderConfig) -> Plan:
+def check_jobs(jobs: list[JobFiles], repeated_lines: int, config: RenderConfig) -> Plan:
     """Each job's images by name and manifest hash; a job missing any becomes work to do."""
     out = OutputDir(config.out_dir)
     recorded = out.recorded_digests()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sdxl_split.encoder_service.job_records import Worker
+from sdxl_split.encoder_service.job_records import DenoiserRecord
 
 # Deadlines for a job on a denoiser without --job-timeout: the first job may compile for minutes; later ones get
 # a generous multiple of that denoiser's slowest job, never less than a floor.
@@ -14,7 +14,7 @@ JOB_TIMEOUT_MULTIPLE = 10.0
 JOB_TIMEOUT_FLOOR_S = 120.0
 
 
-def deadline(worker: Worker, fixed_s: float | None) -> float:
+def deadline(worker: DenoiserRecord, fixed_s: float | None) -> float:
     """Seconds it may hold jobs without finishing one: --job-timeout, or scaled to its own speed."""
     if fixed_s is not None:
         return fixed_s
@@ -23,7 +23,7 @@ def deadline(worker: Worker, fixed_s: float | None) -> float:
     return max(JOB_TIMEOUT_FLOOR_S, JOB_TIMEOUT_MULTIPLE * worker.slowest_job_s)
 
 
-def overdue(workers: Iterable[Worker], now: float, fixed_s: float | None) -> list[tuple[Worker, float]]:
+def overdue(workers: Iterable[DenoiserRecord], now: float, fixed_s: float | None) -> list[tuple[DenoiserRecord, float]]:
     late = []
     for worker in workers:
         if worker.inflight and now - worker.last_progress > (limit := deadline(worker, fixed_s)):

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import zmq
 
 from sdxl_split.encoder_service.config import LinkConfig
-from sdxl_split.encoder_service.job_table import JobTable, Worker
+from sdxl_split.encoder_service.job_records import DenoiserRecord
+from sdxl_split.encoder_service.job_table import JobTable
 from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embeddings import Embeddings
@@ -28,14 +29,15 @@ class Dispatcher:
 
     def __init__(self, config: LinkConfig, journal: Journal, fetch: Fetch,
                  report: Callable[[str], None] = log.warning,
-                 on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None) -> None:
+                 on_event: Callable[[str, str, dict], None] = lambda name, job_id, fields: None) -> None:
         self.config = config
+        self.journal = journal
         self.fetch = fetch
         self.report = report
 
-        def record(event: str, work_id: str, **fields) -> None:
-            journal.log(event, work_id, **fields)
-            on_event(event, work_id, fields)
+        def record(event: str, job_id: str, **fields) -> None:
+            journal.log(event, job_id, **fields)
+            on_event(event, job_id, fields)
 
         self.table = JobTable(config.max_attempts, log=record, report=report, finished=journal.finished(),
                               job_timeout_s=config.job_timeout_s,
@@ -61,8 +63,8 @@ class Dispatcher:
         self._next_beat = 0.0
         self.last_peer_seen = 0.0
 
-    def add(self, work_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> None:
-        self.table.add(work_id, entry, embedding_key, loras)
+    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> None:
+        self.table.add(job_id, entry, embedding_key, loras)
 
     # ---- the loop body ----
     def pump(self, timeout_s: float = 0.0) -> None:
@@ -93,12 +95,6 @@ class Dispatcher:
                         f"dropped it for a frame over {p.DEFAULT_MAX_PAYLOAD // 2**20} MiB or a broken handshake; "
                         "any jobs it held are re-queued once its heartbeats stop")
 
-    def serve_for(self, seconds: float) -> None:
-        """Keep the link served for `seconds` (a test hook slows the encoder down this way)."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.pump(left)
-
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for worker in self.table.silent(now, self.config.heartbeat_s * self.config.liveness):
@@ -125,7 +121,7 @@ class Dispatcher:
             except LookupError as err:
                 self.table.unsendable(job, str(err))
                 continue
-            sent = self._send(worker, p.Job.build(job.work_id, job.attempt + 1, job.entry, record, payload,
+            sent = self._send(worker, p.Job.build(job.job_id, job.attempt + 1, job.entry, record, payload,
                                                   job.loras))
             if sent is None:
                 blocked.add(worker.identity)
@@ -139,7 +135,7 @@ class Dispatcher:
         except zmq.ZMQError:
             pass
 
-    def _send(self, worker: Worker, message: p.Message) -> bool | None:
+    def _send(self, worker: DenoiserRecord, message: p.Message) -> bool | None:
         """True if sent; None if its queue is full (try later); False if the peer is gone (it was lost)."""
         try:
             self.socket.send_multipart([worker.identity, *p.encode(message)], flags=zmq.NOBLOCK)
@@ -177,10 +173,10 @@ class Dispatcher:
             # Otherwise: purged as dead, or not READY yet; it will READY (again) when heartbeats stop.
             return
         if isinstance(message, p.Done):
-            self.table.finish(identity, message.work_id, message.attempt,
+            self.table.finish(identity, message.job_id, message.attempt,
                               [{"file": i.file, "sha256": i.sha256} for i in message.images], message.seconds, now)
         elif isinstance(message, p.Error):
-            self.table.fail(identity, message.work_id, message.attempt, message.reason, message.scope, now)
+            self.table.fail(identity, message.job_id, message.attempt, message.reason, message.scope, now)
         elif isinstance(message, p.Dead):
             self.table.lose(identity, f"denoiser {worker.name} died: {message.reason}")
         elif isinstance(message, p.Bye):

@@ -17,11 +17,11 @@ class JobState(enum.Enum):
 
 
 @dataclass
-class Job:
+class JobRecord:
     """Only the key is held: the record and its bytes are read from the cache when sent, so the encoder's
     memory stays flat however many prompts are queued."""
 
-    work_id: str
+    job_id: str
     entry: PromptEntry
     embedding_key: str
     loras: tuple[LoraUse, ...] = ()  # the UNet halves, sent with it
@@ -35,7 +35,7 @@ class Job:
 
 
 @dataclass
-class Worker:
+class DenoiserRecord:
     identity: bytes
     name: str
     credits: int

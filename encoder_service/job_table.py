@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sdxl_split.encoder_service.deadlines import overdue
-from sdxl_split.encoder_service.job_records import Job, JobState, Worker
+from sdxl_split.encoder_service.job_records import DenoiserRecord, JobRecord, JobState
 from sdxl_split.shared.prompts import PromptEntry
 
-# (event, work id, fields) -> the journal; (message) -> the user.
+# (event, job id, fields) -> the journal; (message) -> the user.
 Log = Callable[..., None]
 Report = Callable[[str], None]
-# (work id, output folder, render settings id) -> images a previous run finished there.
+# (job id, output folder, render settings id) -> images a previous run finished there.
 Finished = dict[tuple[str, str, str], list[dict]]
 
 
@@ -39,9 +39,9 @@ class JobTable:
         self.report = report
         # Images a previous run finished, by (job, output folder, render settings): not rendered again.
         self.finished = finished or {}
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, JobRecord] = {}
         self.queue: list[str] = []
-        self.workers: dict[bytes, Worker] = {}
+        self.workers: dict[bytes, DenoiserRecord] = {}
         # Peers heartbeating before their READY (loading a model), by when last heard: a failed job waits for
         # one of them rather than going back to the denoiser that failed it.
         self.coming: dict[bytes, float] = {}
@@ -51,12 +51,12 @@ class JobTable:
         self.draining = False
 
     # ---- jobs ----
-    def add(self, work_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> bool:
-        if work_id in self.jobs:
+    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> bool:
+        if job_id in self.jobs:
             return False
-        self.jobs[work_id] = Job(work_id, entry, embedding_key, loras)
-        self.queue.append(work_id)
-        self.log("queued", work_id, line=entry.line, prompt=entry.prompt[:200])
+        self.jobs[job_id] = JobRecord(job_id, entry, embedding_key, loras)
+        self.queue.append(job_id)
+        self.log("queued", job_id, line=entry.line, prompt=entry.prompt[:200])
         return True
 
     @property
@@ -77,7 +77,7 @@ class JobTable:
 
     # ---- workers ----
     def attach(self, identity: bytes, name: str, credits: int, now: float, out_dir: str = "",
-               settings_id: str = "") -> Worker | None:
+               settings_id: str = "") -> DenoiserRecord | None:
         """READY: a new denoiser, or one that restarted (whatever it held goes back to the queue). None for a
         quarantined one, which gets nothing."""
         if identity in self.workers:
@@ -86,12 +86,12 @@ class JobTable:
             self.quarantined_identities.add(identity)
             return None
         self.coming.pop(identity, None)
-        worker = Worker(identity, name, credits, now, out_dir, settings_id, last_progress=now)
+        worker = DenoiserRecord(identity, name, credits, now, out_dir, settings_id, last_progress=now)
         self.workers[identity] = worker
         self.ever_attached = True
         return worker
 
-    def heard(self, identity: bytes, now: float) -> Worker | None:
+    def heard(self, identity: bytes, now: float) -> DenoiserRecord | None:
         """A message from a peer: its worker record, or None for one that has not said READY (yet)."""
         worker = self.workers.get(identity)
         if worker is not None:
@@ -100,7 +100,7 @@ class JobTable:
             self.coming[identity] = now
         return worker
 
-    def silent(self, now: float, timeout_s: float) -> list[Worker]:
+    def silent(self, now: float, timeout_s: float) -> list[DenoiserRecord]:
         """Workers not heard from within timeout_s (peers still loading are forgotten the same way)."""
         self.coming = {identity: seen for identity, seen in self.coming.items() if now - seen <= timeout_s}
         return [w for w in self.workers.values() if now - w.last_seen > timeout_s]
@@ -114,8 +114,8 @@ class JobTable:
         if not quiet or worker.inflight:
             self.report(why + (f"; re-queueing {len(worker.inflight)} job(s)" if worker.inflight else ""))
         lost = 0
-        for work_id in sorted(worker.inflight):
-            job = self.jobs[work_id]
+        for job_id in sorted(worker.inflight):
+            job = self.jobs[job_id]
             if job.state is JobState.DISPATCHED and job.worker == identity:
                 lost += 1
                 if not orderly:
@@ -140,36 +140,36 @@ class JobTable:
                 self.lose(identity, f"denoiser {name} quarantined", quiet=True, orderly=True)
                 self.tell(identity, f"denoiser {name} is quarantined for this run: {why}")
 
-    def overdue(self, now: float) -> list[tuple[Worker, float]]:
+    def overdue(self, now: float) -> list[tuple[DenoiserRecord, float]]:
         """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""
         return overdue(self.workers.values(), now, self.job_timeout_s)
 
     # ---- dispatch ----
-    def pick(self, blocked: set[bytes] = frozenset()) -> tuple[Job, Worker] | None:  # type: ignore[assignment]
+    def pick(self, blocked: set[bytes] = frozenset()) -> tuple[JobRecord, DenoiserRecord] | None:  # type: ignore[assignment]
         """The next job to send and the denoiser to send it to, in queue order; None when nothing can go now.
         A job whose images a previous run left intact in that denoiser's folder is marked done instead."""
         if self.draining:
             return None
-        for work_id in list(self.queue):
+        for job_id in list(self.queue):
             ready = [w for w in self.workers.values() if w.credits > 0 and w.identity not in blocked]
             if not ready:
                 return None
-            job = self.jobs[work_id]
+            job = self.jobs[job_id]
             worker = self._choose(job, ready)
             if worker is None:
                 continue
-            images = self.finished.get((job.work_id, worker.out_dir, worker.settings_id))
+            images = self.finished.get((job.job_id, worker.out_dir, worker.settings_id))
             if images is not None:
-                self.queue.remove(work_id)
+                self.queue.remove(job_id)
                 job.state = JobState.DONE
                 self.already_done += 1
-                self.log("done", job.work_id, out_dir=worker.out_dir, settings=worker.settings_id, images=images,
+                self.log("done", job.job_id, out_dir=worker.out_dir, settings=worker.settings_id, images=images,
                          reused=True)
                 continue
             return job, worker
         return None
 
-    def _choose(self, job: Job, ready: list[Worker]) -> Worker | None:
+    def _choose(self, job: JobRecord, ready: list[DenoiserRecord]) -> DenoiserRecord | None:
         """The freest worker that has not failed this job; one that has, only if no other is alive."""
         fresh = [w for w in ready if w.identity not in job.failed_on]
         others = [*self.workers, *self.coming]
@@ -178,63 +178,63 @@ class JobTable:
         pool = fresh or ready
         return max(pool, key=lambda w: (w.credits, -len(w.inflight))) if pool else None
 
-    def sent(self, job: Job, worker: Worker, now: float) -> None:
+    def sent(self, job: JobRecord, worker: DenoiserRecord, now: float) -> None:
         if not worker.inflight:
             worker.last_progress = now  # an idle denoiser's clock starts with its job
-        self.queue.remove(job.work_id)
+        self.queue.remove(job.job_id)
         job.attempt += 1
         job.state, job.worker = JobState.DISPATCHED, worker.identity
         worker.credits -= 1
-        worker.inflight.add(job.work_id)
-        self.log("dispatched", job.work_id, attempt=job.attempt, worker=worker.name)
+        worker.inflight.add(job.job_id)
+        self.log("dispatched", job.job_id, attempt=job.attempt, worker=worker.name)
 
-    def unsendable(self, job: Job, reason: str) -> None:
+    def unsendable(self, job: JobRecord, reason: str) -> None:
         """Its embeddings cannot be read any more: nobody could render it."""
-        self.queue.remove(job.work_id)
+        self.queue.remove(job.job_id)
         self._bury(job, f"embeddings unavailable: {reason}")
 
     # ---- reports ----
-    def _owned(self, worker: Worker, work_id: str, attempt: int, now: float) -> Job | None:
+    def _owned(self, worker: DenoiserRecord, job_id: str, attempt: int, now: float) -> JobRecord | None:
         """The job if this report is about its current attempt on this worker. A late report, about an attempt
         that was re-queued elsewhere, only returns the credit."""
-        if work_id in worker.inflight:
-            worker.inflight.discard(work_id)
+        if job_id in worker.inflight:
+            worker.inflight.discard(job_id)
             worker.credits += 1
             worker.last_progress = now
-        job = self.jobs.get(work_id)
+        job = self.jobs.get(job_id)
         if (job is None or job.state is not JobState.DISPATCHED or job.attempt != attempt
                 or job.worker != worker.identity):
             return None
         return job
 
-    def finish(self, identity: bytes, work_id: str, attempt: int, images: list[dict], seconds: float,
+    def finish(self, identity: bytes, job_id: str, attempt: int, images: list[dict], seconds: float,
                now: float = 0.0) -> bool:
         """DONE; False when it was late or not this worker's to report."""
         worker = self.workers.get(identity)
-        job = self._owned(worker, work_id, attempt, now) if worker else None
+        job = self._owned(worker, job_id, attempt, now) if worker else None
         if job is None:
             return False
         worker.slowest_job_s = max(worker.slowest_job_s, seconds)
         worker.finished_jobs += 1
         job.state, job.worker = JobState.DONE, None
-        self.log("done", job.work_id, attempt=attempt, worker=worker.name, seconds=seconds, out_dir=worker.out_dir,
+        self.log("done", job.job_id, attempt=attempt, worker=worker.name, seconds=seconds, out_dir=worker.out_dir,
                  settings=worker.settings_id, images=images)
         return True
 
-    def fail(self, identity: bytes, work_id: str, attempt: int, reason: str, scope: str = "job",
+    def fail(self, identity: bytes, job_id: str, attempt: int, reason: str, scope: str = "job",
              now: float = 0.0) -> bool:
         """ERROR: the job is retried on another denoiser. A "job" error counts towards dead-lettering it after
         max_attempts; a "denoiser" one (a full disk, a missing LoRA) counts against the denoiser instead."""
         worker = self.workers.get(identity)
-        job = self._owned(worker, work_id, attempt, now) if worker else None
+        job = self._owned(worker, job_id, attempt, now) if worker else None
         if job is None:
             return False
         job.failed_on.add(identity)
-        self.log("failed", job.work_id, attempt=attempt, worker=worker.name, reason=reason, scope=scope)
+        self.log("failed", job.job_id, attempt=attempt, worker=worker.name, reason=reason, scope=scope)
         if scope == "job":
             job.failures += 1
             if not worker.finished_jobs:
-                worker.failed_jobs.add(work_id)
+                worker.failed_jobs.add(job_id)
         self._retry_or_bury(job, reason)
         if scope != "job":
             self._strike(worker.name, 1)
@@ -244,7 +244,7 @@ class JobTable:
             self._quarantine(worker.name, f"it failed {len(worker.failed_jobs)} different jobs and finished none")
         return True
 
-    def _retry_or_bury(self, job: Job, reason: str) -> None:
+    def _retry_or_bury(self, job: JobRecord, reason: str) -> None:
         job.worker = None
         # A job that takes down denoiser after denoiser (OOM, say) is given up too, with more leeway, since a
         # denoiser can also die for reasons of its own; one flapping peer counts once, however often it comes.
@@ -252,15 +252,15 @@ class JobTable:
             self._bury(job, reason)
         else:
             job.state = JobState.QUEUED
-            self.queue.insert(0, job.work_id)
-            self.log("requeued", job.work_id, attempt=job.attempt, reason=reason)
+            self.queue.insert(0, job.job_id)
+            self.log("requeued", job.job_id, attempt=job.attempt, reason=reason)
 
-    def _bury(self, job: Job, reason: str) -> None:
+    def _bury(self, job: JobRecord, reason: str) -> None:
         job.state, job.worker = JobState.DEAD, None
-        self.log("dead_letter", job.work_id, attempts=job.attempt, reason=reason)
+        self.log("dead_letter", job.job_id, attempts=job.attempt, reason=reason)
         self.report(f"gave up on line {job.entry.line} ({job.entry.prompt[:50]!r}) after {job.attempt} "
                     f"attempt(s): {reason}")
 
-    def leftovers(self) -> list[Job]:
+    def leftovers(self) -> list[JobRecord]:
         """Jobs neither done nor dead-lettered: queued, or out on a denoiser."""
         return [job for job in self.jobs.values() if job.state in (JobState.QUEUED, JobState.DISPATCHED)]

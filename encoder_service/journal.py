@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from sdxl_split.shared.atomic import append_line
+from sdxl_split.shared.digests import intact
 
-EVENTS = ("encoded", "queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
+EVENTS = ("queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
 
 
 def journal_path(cache_dir: Path, prompts: Path, settings_key: str) -> Path:
@@ -52,13 +53,5 @@ class Journal:
 
 
 def _images_intact(out_dir: Path, images: list) -> bool:
-    if not images:
-        return False
-    for image in images:
-        try:
-            data = (out_dir / image["file"]).read_bytes()
-        except (OSError, KeyError, TypeError):
-            return False
-        if hashlib.sha256(data).hexdigest() != image.get("sha256"):
-            return False
-    return True
+    return bool(images) and all(isinstance(image, dict) and isinstance(image.get("file"), str)
+                                and intact(out_dir / image["file"], image.get("sha256")) for image in images)

@@ -24,7 +24,7 @@ class EncodeProgress:
     def encoded(self, count: int) -> None:
         self.prompts.update(count)
 
-    def event(self, name: str, work_id: str, fields: dict) -> None:
+    def event(self, name: str, job_id: str, fields: dict) -> None:
         """One journal event of the dispatcher."""
         if name == "queued":
             self.jobs.total += 1
@@ -34,9 +34,9 @@ class EncodeProgress:
             self.jobs.set_postfix_str(f"{self.images} images", refresh=False)
             self.jobs.update(1)
         elif name == "requeued":
-            self.notice(f"re-queued job {work_id[:12]} (attempt {fields.get('attempt')}): {fields.get('reason')}")
+            self.notice(f"re-queued job {job_id[:12]} (attempt {fields.get('attempt')}): {fields.get('reason')}")
         elif name == "failed" and fields.get("scope") == "job":
-            self.notice(f"job {work_id[:12]} failed on {fields.get('worker')}: {fields.get('reason')}")
+            self.notice(f"job {job_id[:12]} failed on {fields.get('worker')}: {fields.get('reason')}")
 
     def close(self) -> None:
         self.jobs.close()

@@ -8,56 +8,89 @@ from collections.abc import Callable
 
 import zmq
 
+from sdxl_split.encoder_service.dispatcher import Dispatcher
+from sdxl_split.encoder_service.encode_loop import EncodeContext
+from sdxl_split.encoder_service.encoder_loop import EncoderLoop
 from sdxl_split.encoder_service.journal import Journal
+from sdxl_split.encoder_service.model_thread import EncoderModelThread
 from sdxl_split.encoder_service.spec import EncodeSpec
-from sdxl_split.encoder_service.streaming import run_streaming_encode
+from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
-from sdxl_split.shared.embedding_cache import EmbeddingCache
+from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
+from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import text_widths
-from sdxl_split.shared.threads import use_threads
+from sdxl_split.shared.wakeup import watch_stop
 
 Notice = Callable[[str], None]
+Event = Callable[[str, str, dict], None]
+
+
+def cache_fetch(cache: EmbeddingCache) -> Callable[[str], tuple[Embeddings, bytes]]:
+    """How the dispatcher reads a job's record when it sends it: only keys are queued, so memory stays flat."""
+    def fetch(key: str) -> tuple[Embeddings, bytes]:
+        found = cache.lookup(key)
+        if isinstance(found, Hit):
+            return found.record, found.data
+        raise LookupError(found.problem if isinstance(found, Bad) else f"cache entry {key[:12]} is gone")
+
+    return fetch
+
+
+def text_side_loader(spec: EncodeSpec, inversions: tuple, notice: Notice) -> Callable:
+    """Loads the text encoders (on the model thread, the first time a prompt misses the cache)."""
+    def load():
+        from sdxl_split.encoder_service.text_side import TextSide
+
+        notice(f"loading text encoders of {spec.source.description} on {spec.config.device} ({spec.config.dtype})")
+        return TextSide(spec.source, spec.config.device, spec.config.dtype, inversions=inversions)
+
+    return load
 
 
 def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
                 on_progress: Callable[[int], None] = lambda n: None,
-                on_bound: Callable[[], None] = lambda: None,
-                on_event: Callable[[str, str, dict], None] = lambda name, work_id, fields: None) -> dict:
+                on_bound: Callable[[], None] = lambda: None, on_event: Event = lambda name, job, fields: None) -> dict:
     """Encode (or read from the cache) every prompt, stream the jobs to denoisers, and summarise."""
-    config = spec.config
-    use_threads(config.threads)
-    extras = spec.extras.resolver(spec.cache_dir)
     cache = EmbeddingCache(spec.cache_dir / "embeddings")
     journal = Journal(spec.journal_path)
-    meter = MemoryMeter(cuda_device=cuda_index(config.device))
-
-    def load():
-        from sdxl_split.encoder_service.text_side import TextSide
-
-        use_threads(config.threads)  # this is the text-side thread, where every forward pass runs
-
-        notice(f"loading text encoders of {spec.source.description} on {config.device} ({config.dtype})")
-        return TextSide(spec.source, config.device, config.dtype, inversions=extras.inversions)
-
+    meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
     try:
-        result = run_streaming_encode(
-            list(spec.entries), spec.settings, cache, load, meter, spec.link, journal, spec.wait_s, stop, notice,
-            batch_size=config.batch_size, on_progress=on_progress, throttle_s=spec.throttle_s, on_bound=on_bound,
-            widths=text_widths(spec.source), on_event=on_event, extras_of=extras.resolve)
-        memory = meter.summary()
+        dispatcher = Dispatcher(spec.link, journal, cache_fetch(cache), report=notice, on_event=on_event)
     except zmq.ZMQError as err:
+        meter.close()
         raise UserError(f"cannot listen on {spec.link.endpoint} ({err.strerror}); is another encoder running? "
                         "pass --bind with another endpoint") from None
+    watch_stop(stop, dispatcher.wakeup)
+    on_bound()
+    extras = spec.extras.resolver(spec.cache_dir)
+    context = EncodeContext(spec.settings, cache, meter, batch_size=spec.config.batch_size,
+                            widths=text_widths(spec.source), extras_of=extras.resolve,
+                            warn=lambda message: notice(f"warning: {message}"))
+    model = EncoderModelThread(context, text_side_loader(spec, extras.inversions, notice), dispatcher.wakeup,
+                               threads=spec.config.threads, after_record=spec.faults.after_record())
+    crashed: BaseException | None = None
+    try:
+        outcome = EncoderLoop(dispatcher, model, on_progress).run_file(list(spec.entries), spec.wait_s, stop)
+        memory = meter.summary()
+    except BaseException as err:
+        crashed = err
+        raise
     finally:
+        model.close()
         meter.close()
-    stats = result.encode
+        if crashed is not None and not isinstance(crashed, KeyboardInterrupt):
+            # Denoisers should hear that this run failed, not that it finished.
+            dispatcher.close(p.reason_text(f"encoder failed: {type(crashed).__name__}: {crashed}"), dead=True)
+        else:
+            dispatcher.close("encoder stopping" if stop.is_set() else "encoder finished")
+    stats = outcome.encode
     stats.skipped_lines = spec.skipped_lines
     return {"stats": stats.as_dict(), "memory": memory, "cache_dir": str(cache.root), "journal": str(journal.path),
-            "model": spec.source.description, "jobs": result.jobs, "already_done": result.already_done,
-            "done": result.done, "dead_lettered": result.dead_lettered, "abandoned": result.abandoned,
-            "denoisers_attached": result.denoisers_attached, "interrupted": result.interrupted}
+            "model": spec.source.description, "jobs": outcome.jobs, "already_done": outcome.already_done,
+            "done": outcome.done, "dead_lettered": outcome.dead_lettered, "abandoned": outcome.abandoned,
+            "denoisers_attached": outcome.denoisers_attached, "interrupted": outcome.interrupted}
 
 
 def child_main(hooks, spec_json: str) -> None:

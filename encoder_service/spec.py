@@ -10,6 +10,7 @@ from pathlib import Path
 from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
 from sdxl_split.encoder_service.journal import journal_path
 from sdxl_split.shared.encoding_settings import EncodingSettings
+from sdxl_split.shared.faults import Faults
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 from sdxl_split.shared.prompts import PromptEntry
@@ -30,9 +31,8 @@ class EncodeSpec:
     link: LinkConfig
     # Seconds to wait for a denoiser once the cache is filled.
     wait_s: float = 10.0
-    # Test hook: seconds to keep serving the link after each prompt, to slow the encoder down.
-    throttle_s: float = 0.0
     extras: ExtrasSpec = ExtrasSpec()
+    faults: Faults = Faults()
 
     @property
     def journal_path(self) -> Path:

@@ -118,7 +118,7 @@ def _stream(ray, plan: Plan, encode: EncodeStageSpec, denoise: DenoiseStageSpec,
     # Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1: a dead actor is restarted and
     # the batch it held is sent again. Names that derive from content and writes that are renames make the
     # retry exactly-once. (Setting them here is deprecated in Ray 2.60.)
-    dataset = ray.data.from_items([{"work_id": job.work_id, "entry": json.dumps(entry_json(job.entry))}
+    dataset = ray.data.from_items([{"job_id": job.job_id, "entry": json.dumps(entry_json(job.entry))}
                                    for job in plan.todo])
     # One row per batch: a record moves on (and an image starts) as soon as its prompt is encoded.
     dataset = dataset.map_batches(

@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from sdxl_split.denoiser_service.outputs import OutputDir
-from sdxl_split.denoiser_service.render_loop import Renderer, job_files
-from sdxl_split.denoiser_service.service import denoiser_loader, job_reply
+from sdxl_split.denoiser_service.naming import batch_files
+from sdxl_split.denoiser_service.service import renderer_for, reply_function
 from sdxl_split.denoiser_service.spec import DenoiserSpec
 from sdxl_split.encoder_service.config import EncodeConfig
-from sdxl_split.encoder_service.encode_loop import run_encode
+from sdxl_split.encoder_service.encode_loop import EncodeContext, run_encode
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared import specs
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.errors import JobError, UserError, first_line
-from sdxl_split.shared.jobs import work_id
+from sdxl_split.shared.jobs import job_id_for
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import DENOISE_COMPONENTS, ModelSource, fingerprint, text_widths
 from sdxl_split.shared.prompt_extras import ExtrasSpec
@@ -40,10 +38,10 @@ from sdxl_split.shared.wire_fields import entry_field
 
 T = TypeVar("T")
 
-# Columns of the rows between the stages and back to the driver (besides the input's work_id and entry).
-STAGE_COLUMNS = ("work_id", "line", "prompt", "negative_prompt", "seed", "count", "key", "job", "record",
+# Columns of the rows between the stages and back to the driver (besides the input's job_id and entry).
+STAGE_COLUMNS = ("job_id", "line", "prompt", "negative_prompt", "seed", "count", "key", "job", "record",
                  "encoder", "encoder_memory", "notes", "error", "fatal")
-RESULT_COLUMNS = ("work_id", "line", "file", "sha256", "existed", "error", "fatal", "notes",
+RESULT_COLUMNS = ("job_id", "line", "file", "sha256", "existed", "error", "fatal", "notes",
                   "encoder", "encoder_memory", "denoiser", "denoiser_memory")
 
 
@@ -62,10 +60,6 @@ class EncodeStageSpec:
 class DenoiseStageSpec:
     denoiser: DenoiserSpec
     probe: str
-    # Test hook: the first actor to write this many new images dies (SIGKILL) right after, between two images
-    # of one job; `kill_marker` makes that happen once per run, not once per restarted actor.
-    kill_after_images: int = 0
-    kill_marker: str = ""
 
 
 def actor_name() -> str:
@@ -95,7 +89,7 @@ def _in_ray_actor() -> bool:
 
 
 def _column(batch: dict, name: str) -> list:
-    return list(batch[name]) if name in batch else [""] * len(batch["work_id"])
+    return list(batch[name]) if name in batch else [""] * len(batch["job_id"])
 
 
 class EncodeStage:
@@ -110,8 +104,10 @@ class EncodeStage:
             self.spec = specs.loads(EncodeStageSpec, spec_json)
             self.meter = MemoryMeter(cuda_device=cuda_index(self.spec.config.device))
             root = _shared_root(self.spec.cache_dir, self.spec.probe, "encoding", self.notes)
-            self.cache = EmbeddingCache(root / "embeddings")
             self.extras = self.spec.extras.resolver(root)
+            self.context = EncodeContext(self.spec.settings, EmbeddingCache(root / "embeddings"), self.meter,
+                                         batch_size=self.spec.config.batch_size, widths=text_widths(self.spec.source),
+                                         extras_of=self.extras.resolve)
         except Exception as err:  # reported as a row; see the module docstring
             self.fatal = f"encoder actor {self.name}: {_failure(err)}"
 
@@ -134,16 +130,14 @@ class EncodeStage:
     def __call__(self, batch: dict) -> dict:
         if not self.fatal:
             use_threads(self.spec.config.threads)  # Ray calls this on a thread of its own; see use_threads
-        wanted = [str(w) for w in batch["work_id"]]
+        wanted = [str(w) for w in batch["job_id"]]
         rows: dict[str, dict] = {}
         warnings: list[str] = []
         error = ""
         if not self.fatal:
             try:
                 entries = [entry_field(json.loads(text), "entry") for text in batch["entry"]]
-                run_encode(entries, self.spec.settings, self.cache, self._load, self._sink(rows), self.meter,
-                           batch_size=self.spec.config.batch_size, warn=warnings.append,
-                           widths=text_widths(self.spec.source), extras_of=self.extras.resolve)
+                run_encode(entries, replace(self.context, warn=warnings.append), self._load, self._sink(rows))
             except (UserError, OSError) as err:
                 error = _failure(err)
             except Exception as err:  # a failed forward pass, a broken tokenizer: every row of the batch says so
@@ -152,8 +146,8 @@ class EncodeStage:
         notes = json.dumps(self.notes + warnings)
         self.notes.clear()
         out = {name: [] for name in STAGE_COLUMNS}
-        for wid in wanted:
-            row = rows.get(wid) or {"work_id": wid, "error": error or self._why_missing(warnings)}
+        for job_id in wanted:
+            row = rows.get(job_id) or {"job_id": job_id, "error": error or self._why_missing(warnings)}
             row.update(encoder=self.name, encoder_memory=memory, notes=notes, fatal=self.fatal)
             for name in STAGE_COLUMNS:
                 out[name].append(row.get(name, b"" if name in ("job", "record") else ""))
@@ -167,36 +161,16 @@ class EncodeStage:
 
     def _sink(self, rows: dict[str, dict]):
         def sink(entry, record, data: bytes, loras: tuple) -> None:
-            wid = work_id(record.key, entry.seed, entry.count, loras)
-            header, payload = p.encode(p.Job.build(wid, 1, entry, record, data, loras))
+            job_id = job_id_for(record.key, entry.seed, entry.count, loras)
+            header, payload = p.encode(p.Job.build(job_id, 1, entry, record, data, loras))
             # -1 and 0: the line leaves seed and count to the run's options.
-            rows[wid] = {"work_id": wid, "line": entry.line, "prompt": entry.prompt,
+            rows[job_id] = {"job_id": job_id, "line": entry.line, "prompt": entry.prompt,
                          "negative_prompt": entry.negative_prompt or "",
                          "seed": -1 if entry.seed is None else entry.seed,
                          "count": 0 if entry.count is None else entry.count, "key": record.key,
                          "job": header, "record": payload}
 
         return sink
-
-
-class _DyingOutputDir(OutputDir):
-    """Test hook (DenoiseStageSpec.kill_after_images): a node lost in the middle of a job."""
-
-    def __init__(self, root: Path, after: int, marker: str) -> None:
-        super().__init__(root)
-        self._left = after
-        self._marker = marker
-
-    def write(self, filename, image, meta):
-        written = super().write(filename, image, meta)
-        self._left -= int(not written.existed)
-        if self._left == 0:
-            try:
-                os.close(os.open(self._marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return written  # another actor died already
-            os.kill(os.getpid(), signal.SIGKILL)
-        return written
 
 
 class DenoiseStage:
@@ -218,9 +192,8 @@ class DenoiseStage:
                                 "shared mount")
             self._check_model(spec)
             self.meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
-            out = (_DyingOutputDir(out_dir, self.spec.kill_after_images, self.spec.kill_marker)
-                   if self.spec.kill_after_images else OutputDir(out_dir))
-            self.renderer = Renderer(denoiser_loader(spec, self.meter, self.notes.append), out)
+            self.renderer = renderer_for(spec, self.meter, self.notes.append)
+            self.reply = reply_function(self.renderer, spec)
             # Load now, while the encoders work, on the thread every render will run on.
             self._on_model_thread(lambda: self.renderer.denoiser)
         except Exception as err:  # reported as a row; see the module docstring
@@ -257,10 +230,10 @@ class DenoiseStage:
             for name in RESULT_COLUMNS:
                 out[name].append(row.get(name, False if name == "existed" else ""))
 
-        passed = {name: _column(batch, name) for name in ("work_id", "line", "encoder", "encoder_memory", "notes",
+        passed = {name: _column(batch, name) for name in ("job_id", "line", "encoder", "encoder_memory", "notes",
                                                           "error", "fatal")}
-        for i, wid in enumerate(passed["work_id"]):
-            common = {name: passed[name][i] for name in ("work_id", "line", "encoder", "encoder_memory")}
+        for i, job_id in enumerate(passed["job_id"]):
+            common = {name: passed[name][i] for name in ("job_id", "line", "encoder", "encoder_memory")}
             common["line"] = int(common["line"] or 0)
             notes = json.dumps(json.loads(passed["notes"][i] or "[]") + self.notes)
             self.notes.clear()
@@ -270,27 +243,27 @@ class DenoiseStage:
             if passed["error"][i]:
                 emit(**common, notes=notes, error=passed["error"][i], denoiser=self.name)
                 continue
-            for row in self._render(wid, bytes(batch["job"][i]), bytes(batch["record"][i])):
+            for row in self._render(job_id, bytes(batch["job"][i]), bytes(batch["record"][i])):
                 emit(**common, **row, notes=notes, denoiser=self.name,
                      denoiser_memory=json.dumps(self.meter.summary()))
                 notes = "[]"
         return out
 
-    def _render(self, wid: str, header: bytes, payload: bytes) -> list[dict]:
+    def _render(self, job_id: str, header: bytes, payload: bytes) -> list[dict]:
         """Validate the frames exactly as the ZeroMQ denoiser does, then render (or find) the job's images."""
         try:
             job = p.decode([header, payload])
         except p.ProtocolError as err:
             return [{"error": f"refused the job: {err}"}]
-        if not isinstance(job, p.Job) or job.work_id != wid:
+        if not isinstance(job, p.Job) or job.job_id != job_id:
             return [{"error": "refused the job: its header does not match its row"}]
         spec = self.spec.denoiser
         try:
-            names = job_files(job.record.key, job.entry, spec.config, spec.identity, job.loras)[3]
+            names = batch_files(job.record.key, job.entry, spec.config, spec.identity, job.loras)[3]
         except JobError as err:
             return [{"error": str(err)}]
         there = {name for name in names if self.renderer.out.exists(name)}
-        reply = job_reply(self.renderer, spec, job)
+        reply = self.reply(job)
         if isinstance(reply, p.Error):
             return [{"error": reply.reason}]
         return [{"file": image.file, "sha256": image.sha256, "existed": image.file in there} for image in reply.images]

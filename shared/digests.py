@@ -9,6 +9,24 @@ import os
 from pathlib import Path
 
 
+def sha256_of(file: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def intact(file: Path, sha256: object) -> bool:
+    """Whether `file` exists with exactly the bytes whose sha256 was recorded (a record read back from a journal
+    or manifest may hold anything)."""
+    try:
+        return isinstance(sha256, str) and sha256_of(file) == sha256
+    except OSError:
+        return False
+
+
 class DigestMemo:
     def __init__(self, cache_dir: Path) -> None:
         self.path = cache_dir / "fingerprints.json"
@@ -24,11 +42,7 @@ class DigestMemo:
         seen = self.memo.get(key)
         if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
             return seen[2]
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-        self.memo[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        self.memo[key] = [stat.st_size, stat.st_mtime_ns, sha256_of(file)]
         self._changed = True
         return self.memo[key][2]
 

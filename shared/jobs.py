@@ -18,16 +18,17 @@ def _loras(loras: tuple) -> dict:
     return {"unet_loras": [[use.name, use.sha256, use.scale] for use in loras]} if loras else {}
 
 
-def work_id(embedding_key: str, seed: int | None, count: int | None, loras: tuple = ()) -> str:
+def job_id_for(embedding_key: str, seed: int | None, count: int | None, loras: tuple = ()) -> str:
     """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
     name files, so this id only covers what the prompt file decides (its UNet LoRAs too: a UNet-only LoRA
     leaves the embeddings alone but not the image)."""
     return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, **_loras(loras)})
 
 
-def job_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str, loras: tuple = ()) -> str:
-    """One job is one prompt's batch of `count` images; the batch size is part of it because batched
-    matmuls may differ in the last bit from unbatched ones."""
+def render_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str, loras: tuple = ()) -> str:
+    """A job as one denoiser renders it: the job's own inputs plus the model and every setting that decides its
+    pixels. Image ids and file names derive from it. The batch size is part of it because batched matmuls may
+    differ in the last bit from unbatched ones."""
     return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, "model": model, **pixel_settings,
                     **_loras(loras)})
 
@@ -37,8 +38,8 @@ def settings_id(pixel_settings: dict, model: str) -> str:
     return _digest({"model": model, **pixel_settings})
 
 
-def image_id(job: str, index: int) -> str:
-    return _digest({"job": job, "index": index})
+def image_id(render: str, index: int) -> str:
+    return _digest({"job": render, "index": index})
 
 
 def image_filename(prompt: str, image: str) -> str:

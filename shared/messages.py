@@ -80,9 +80,9 @@ class Ready(_Message):
 @dataclass(frozen=True, eq=False)
 class Job(_Message):
     """One prompt's batch to render, with its embedding record; `payload` is the record's safetensors bytes.
-    `work_id` is the encoder's id for the job (shared.jobs.work_id); a denoiser names files by its own."""
+    `job_id` is the encoder's id for the job (shared.jobs.job_id); a denoiser names files by its own."""
 
-    work_id: str
+    job_id: str
     attempt: int
     entry: PromptEntry
     # Kept out of repr: megabytes of tensors and bytes would bury the job's identity in logs.
@@ -94,7 +94,7 @@ class Job(_Message):
     TYPE = "JOB"
 
     def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
+        hex64_field(self.job_id, "job_id")
         int_field(self.attempt, "attempt", 1)
         if not isinstance(self.entry, PromptEntry):
             raise ProtocolError("entry must be a PromptEntry")
@@ -119,18 +119,18 @@ class Job(_Message):
     @classmethod
     def header_fields(cls) -> tuple[str, ...]:
         # The record travels as the second frame; its key in the header lets the receiver check it.
-        return ("work_id", "attempt", "embedding_key", "entry", "loras")
+        return ("job_id", "attempt", "embedding_key", "entry", "loras")
 
     @classmethod
-    def build(cls, work_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
+    def build(cls, job_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
               payload: bytes | None = None, loras: tuple[LoraUse, ...] = ()) -> Job:
         """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
         (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
-        return cls(work_id=work_id, attempt=attempt, entry=entry, record=record,
+        return cls(job_id=job_id, attempt=attempt, entry=entry, record=record,
                    payload=record.to_bytes() if payload is None else payload, loras=tuple(loras))
 
     def _header(self) -> dict[str, Any]:
-        return {"work_id": self.work_id, "attempt": self.attempt, "embedding_key": self.record.key,
+        return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
                 "entry": entry_json(self.entry),
                 "loras": [{"name": u.name, "sha256": u.sha256, "scale": u.scale} for u in self.loras]}
 
@@ -151,7 +151,7 @@ class ImageDone:
 class Done(_Message):
     """A job finished; returns one credit."""
 
-    work_id: str
+    job_id: str
     attempt: int
     images: tuple[ImageDone, ...]
     seconds: float
@@ -159,7 +159,7 @@ class Done(_Message):
     TYPE = "DONE"
 
     def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
+        hex64_field(self.job_id, "job_id")
         int_field(self.attempt, "attempt", 1)
         if not isinstance(self.images, tuple) or not all(isinstance(i, ImageDone) for i in self.images):
             raise ProtocolError("images must be a tuple of ImageDone")
@@ -186,7 +186,7 @@ class Done(_Message):
                 raise ProtocolError(f"images[{n}] must be an object")
             exact_keys(item, ("file", "sha256"), f"images[{n}]")
             images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
-        return cls(work_id=h["work_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
+        return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
 
 
 ERROR_SCOPES = ("job", "denoiser")
@@ -198,7 +198,7 @@ class Error(_Message):
     whose fault it was: "job" (its content cannot be rendered: counts towards dead-lettering) or "denoiser"
     (this denoiser cannot render it now: a full disk, a LoRA it lacks; the job goes to another one)."""
 
-    work_id: str
+    job_id: str
     attempt: int
     reason: str
     scope: str = "job"
@@ -206,7 +206,7 @@ class Error(_Message):
     TYPE = "ERROR"
 
     def __post_init__(self) -> None:
-        hex64_field(self.work_id, "work_id")
+        hex64_field(self.job_id, "job_id")
         int_field(self.attempt, "attempt", 1)
         str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
         if self.scope not in ERROR_SCOPES:

@@ -21,6 +21,13 @@ MAX_SEED = 2**63 - 1
 MAX_TEXT_CHARS = 16 * 1024
 
 
+def seed_range_problem(seed: int, count: int) -> str | None:
+    """Why a prompt's seeds run out of range, or None: image i of a prompt uses seed+i."""
+    if seed + count - 1 > MAX_SEED:
+        return f"seed {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)"
+    return None
+
+
 @dataclass(frozen=True)
 class PromptEntry:
     """One prompt as the user wrote it. `seed`/`count` of None mean: use the renderer's defaults."""
@@ -86,9 +93,8 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
             raise _fail(path, number, f"{name!r} must be an integer from {low} to {high}")
     loras = _jsonl_loras(path, number, obj.get("loras"))
-    seed, count = obj.get("seed"), obj.get("count") or 1
-    if seed is not None and seed + count - 1 > MAX_SEED:
-        raise _fail(path, number, f"'seed' {seed} with {count} images would go past {MAX_SEED} (image i uses seed+i)")
+    if obj.get("seed") is not None and (problem := seed_range_problem(obj["seed"], obj.get("count") or 1)):
+        raise _fail(path, number, problem)
     return PromptEntry(line=number, **{k: obj.get(k) for k in JSONL_FIELDS - {"loras"}}, loras=loras)
 
 

@@ -2,7 +2,7 @@
 
 A message is a multipart ZeroMQ message. Frame 0 is a UTF-8 JSON header (at most 64 KiB)::
 
-    {"proto": "sdxl-split", "v": 1, "type": "JOB", ...fields}
+    {"proto": "sdxl-split", "v": 3, "type": "JOB", ...fields}
 
 JOB alone carries a second frame: the safetensors bytes of the embedding record. On a ROUTER, zmq
 prepends the peer's identity frame; strip it and pass the rest to `decode`.
@@ -10,9 +10,9 @@ prepends the peer's identity frame; strip it and pass the rest to `decode`.
 The flow (credit-based load balancing, Paranoid Pirate heartbeats):
 
     denoiser -> encoder   READY{credits, ...}   announce capacity (and out_dir, settings_id); once per connection
-    encoder  -> denoiser  JOB{work_id, ...}      only against a credit
-    denoiser -> encoder   DONE{work_id, images}  returns one credit
-    denoiser -> encoder   ERROR{work_id, reason} a per-job failure; also returns one credit
+    encoder  -> denoiser  JOB{job_id, ...}      only against a credit
+    denoiser -> encoder   DONE{job_id, images}  returns one credit
+    denoiser -> encoder   ERROR{job_id, reason} a per-job failure; also returns one credit
     both ways             HEARTBEAT             every HEARTBEAT_INTERVAL_S; HEARTBEAT_LIVENESS missed = dead
     both ways             DEAD{reason}          the sender hit an unrecoverable failure and is stopping
     both ways             BYE{reason}           orderly shutdown; the sender will send nothing more
@@ -55,8 +55,8 @@ from sdxl_split.shared.prompts import MAX_LORAS
 from sdxl_split.shared.wire_fields import ProtocolError, entry_field, exact_keys, hex64_field, int_field
 
 PROTOCOL_ID = "sdxl-split"
-# 2: ERROR carries a scope.
-PROTOCOL_VERSION = 2
+# 2: ERROR carries a scope. 3: JOB, DONE and ERROR name the job by `job_id` (was `work_id`).
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 # Full-size SDXL fp32 embeddings are about 1.3 MB a chunk of 77 tokens; 16 MiB holds the longest compiled prompt
 # (8 chunks, about 10.1 MB) without letting a peer make us allocate without bound.
@@ -117,7 +117,7 @@ def _parse_header(frame: bytes) -> dict[str, Any]:
 
 
 def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) -> Job:
-    work_id = hex64_field(header["work_id"], "work_id")
+    job_id = hex64_field(header["job_id"], "job_id")
     attempt = int_field(header["attempt"], "attempt", 1)
     key = hex64_field(header["embedding_key"], "embedding_key")
     entry = entry_field(header["entry"], "entry")
@@ -129,7 +129,7 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
         record = decode_embeddings(payload, expected_key=key)
     except EmbeddingFormatError as err:
         raise ProtocolError(f"JOB payload is not a valid embedding record: {err}") from None
-    return Job(work_id=work_id, attempt=attempt, entry=entry, record=record, payload=payload, loras=loras)
+    return Job(job_id=job_id, attempt=attempt, entry=entry, record=record, payload=payload, loras=loras)
 
 
 def lora_uses(value: Any) -> tuple[LoraUse, ...]:
@@ -185,13 +185,13 @@ def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
 
 
 def job_identity(frames: Sequence[bytes]) -> tuple[str, int] | None:
-    """(work_id, attempt) of a JOB whose header is sound though the message as a whole was refused (a payload
+    """(job_id, attempt) of a JOB whose header is sound though the message as a whole was refused (a payload
     that breaks the schema, say), so the receiver can answer ERROR instead of leaving the job hanging."""
     try:
         header = _parse_header(frames[0])
         if header.get("proto") != PROTOCOL_ID or header.get("v") != PROTOCOL_VERSION or header.get("type") != "JOB":
             return None
-        return hex64_field(header.get("work_id"), "work_id"), int_field(header.get("attempt"), "attempt", 1)
+        return hex64_field(header.get("job_id"), "job_id"), int_field(header.get("attempt"), "attempt", 1)
     except (ProtocolError, IndexError, TypeError):
         return None
 

@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import save
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.denoiser_service.pipeline import build_denoiser
 from sdxl_split.denoiser_service.service import job_reply
 from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
 from sdxl_split.shared import protocol as p
@@ -69,7 +68,7 @@ def test_a_txt_file_of_jsonl_records_is_read_as_text_with_a_warning(tmp_path: Pa
 def test_nan_latents_are_blamed_on_the_unet_not_the_vae(session_cache: Path, monkeypatch) -> None:
     source = resolve_model("tiny", session_cache)
     config = RenderConfig(width=64, height=64, steps=2, guidance=7.0)
-    denoiser = Denoiser(load_denoiser_pipeline(source, config), config, MemoryMeter())
+    denoiser = build_denoiser(source, config, MemoryMeter())
     decoded = []
     monkeypatch.setattr(denoiser, "decode", lambda latents: decoded.append(latents))
 
@@ -127,10 +126,10 @@ def test_a_full_disk_keeps_the_job_pending_and_names_the_path(session_cache: Pat
 
     monkeypatch.setattr(outputs, "atomic_write_bytes", full)
     from sdxl_split.denoiser_service.outputs import OutputDir
-    from sdxl_split.denoiser_service.render_loop import Renderer
+    from sdxl_split.denoiser_service.renderer import Renderer
 
     meter = MemoryMeter()
-    renderer = Renderer(lambda: Denoiser(load_denoiser_pipeline(source, config), config, meter),
+    renderer = Renderer(lambda: build_denoiser(source, config, meter),
                         OutputDir(config.out_dir))
     job = p.Job.build("a" * 64, 1, PromptEntry(line=1, prompt="a cat"), record)
     reply = job_reply(renderer, spec, job)

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import Denoiser
-from sdxl_split.denoiser_service.pipeline import configure_tiling, load_denoiser_pipeline
+from sdxl_split.denoiser_service.pipeline import build_denoiser, configure_tiling
 from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.architectures import SDXL_VAE
@@ -36,7 +36,7 @@ def test_default_tiling_would_not_split_a_1024_decode_but_ours_does(monkeypatch)
 def denoiser(session_cache: Path) -> Denoiser:
     source = resolve_model("tiny", session_cache)
     config = RenderConfig(width=64, height=64, steps=2)
-    return Denoiser(load_denoiser_pipeline(source, config), config, MemoryMeter())
+    return build_denoiser(source, config, MemoryMeter())
 
 
 def test_nan_decode_in_fp32_fails_the_job(denoiser: Denoiser, monkeypatch) -> None:

@@ -16,9 +16,8 @@ from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 from PIL import Image
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser
 from sdxl_split.denoiser_service.outputs import read_png_metadata
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.denoiser_service.pipeline import build_denoiser
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.encoding_settings import EncodingSettings
@@ -144,11 +143,11 @@ def _bicycle_record(tiny_dir: Path):
 
 
 def _render_in_process(source, record, config: RenderConfig, count: int = 2, before=None) -> tuple[object, np.ndarray]:
-    pipe = load_denoiser_pipeline(source, config)
+    denoiser = build_denoiser(source, config, MemoryMeter())
     if before is not None:
-        before(pipe)
-    images = Denoiser(pipe, config, MemoryMeter()).render(record, seed=5, count=count).images
-    return pipe, np.stack([np.array(image) for image in images]).astype(int)
+        before(denoiser.pipe)
+    images = denoiser.render(record, seed=5, count=count).images
+    return denoiser.pipe, np.stack([np.array(image) for image in images]).astype(int)
 
 
 def test_unet_batch_caps_the_rows_of_every_unet_call(tiny_dir: Path) -> None:

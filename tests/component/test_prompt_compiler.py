@@ -12,8 +12,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, generators
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.denoiser_service.denoise import generators
+from sdxl_split.denoiser_service.pipeline import build_denoiser
 from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunker, explain
 from sdxl_split.encoder_service.prompt_syntax import parse
 from sdxl_split.encoder_service.text_side import TextSide
@@ -131,7 +131,7 @@ def test_compiled_tensors_render_exactly_as_diffusers_renders_them(side: TextSid
     record = Embeddings(key=entry_key(entry, settings.for_entry(entry)), texts=entry.texts(),
                         settings=settings.for_entry(entry), tensors=tensors)
     config = RenderConfig(width=64, height=64, steps=3)
-    ours = Denoiser(load_denoiser_pipeline(resolve_model("tiny", session_cache), config), config, MemoryMeter())
+    ours = build_denoiser(resolve_model("tiny", session_cache), config, MemoryMeter())
     image = np.array(ours.render(record, seed=5, count=1).images[0])
     ours.meter.close()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir)

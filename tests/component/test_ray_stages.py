@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_split.denoiser_service.config import RenderConfig
-from sdxl_split.denoiser_service.render_loop import job_files
+from sdxl_split.denoiser_service.naming import batch_files
 from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
 from sdxl_split.denoiser_service.work_plan import plan_jobs
 from sdxl_split.encoder_service.config import EncodeConfig
@@ -61,7 +61,7 @@ def test_the_plan_keeps_intact_images_and_sets_aside_changed_ones(setup):
     # The names the plan expects are the ones the renderer will write.
     config, identity = denoise.denoiser.config, denoise.denoiser.identity
     fox = first.todo[0]
-    assert fox.files == job_files(entry_key(fox.entry, encode.settings), fox.entry, config, identity)[3]
+    assert fox.files == batch_files(entry_key(fox.entry, encode.settings), fox.entry, config, identity)[3]
 
     out = config.out_dir
     with (out / "manifest.jsonl").open("w") as manifest:
@@ -79,7 +79,7 @@ def test_the_plan_keeps_intact_images_and_sets_aside_changed_ones(setup):
 
 def batch_of(lines: tuple[PromptEntry, ...], encode: EncodeStageSpec, denoise: DenoiseStageSpec) -> dict:
     todo = plan(encode, denoise, lines).todo
-    return {"work_id": [job.work_id for job in todo], "entry": [json.dumps(entry_json(job.entry)) for job in todo]}
+    return {"job_id": [job.job_id for job in todo], "entry": [json.dumps(entry_json(job.entry)) for job in todo]}
 
 
 def test_records_travel_as_job_frames_and_a_tampered_one_is_refused(setup):

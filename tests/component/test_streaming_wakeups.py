@@ -1,6 +1,6 @@
-"""The encoder's link loop is event-driven: a prompt that finishes encoding is queued at once, not when the
-socket poll next times out. A text side that returns instantly shows it: fifty prompts take a fraction of one
-poll timeout each, where waiting for the timeout would cost fifty of them."""
+"""The encoder's link loop is event-driven: a prompt that finishes encoding on the model thread is queued at once,
+not when the socket poll next times out. A text side that returns instantly shows it: fifty prompts take a
+fraction of one poll timeout each, where waiting for the timeout would cost fifty of them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from pathlib import Path
 import torch
 
 from sdxl_split.encoder_service.config import LinkConfig
+from sdxl_split.encoder_service.dispatcher import Dispatcher
+from sdxl_split.encoder_service.encode_loop import EncodeContext
+from sdxl_split.encoder_service.encoder_loop import EncoderLoop
 from sdxl_split.encoder_service.journal import Journal
-from sdxl_split.encoder_service.streaming import run_streaming_encode
+from sdxl_split.encoder_service.model_thread import EncoderModelThread
+from sdxl_split.encoder_service.service import cache_fetch
 from sdxl_split.encoder_service.text_side import EncodedPrompt
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.encoding_settings import EncodingSettings
@@ -29,9 +33,11 @@ class InstantTextSide:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.threads: set[str] = set()
 
     def encode(self, batch: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
         self.calls += 1
+        self.threads.add(threading.current_thread().name)
         return [EncodedPrompt(tensors={"prompt_embeds": torch.zeros(1, 77, 32),
                                        "negative_prompt_embeds": torch.zeros(1, 77, 32),
                                        "pooled_prompt_embeds": torch.zeros(1, 32),
@@ -47,16 +53,21 @@ def test_finished_prompts_are_queued_without_waiting_for_the_poll_timeout(tmp_pa
     entries = [PromptEntry(line=n + 1, prompt=f"prompt {n}") for n in range(PROMPTS)]
     settings = EncodingSettings(fingerprint="test", clip_skip=None, dtype="fp32", force_zeros=False)
     link = LinkConfig(endpoint=f"ipc://{tempfile.mkdtemp(prefix='sxs-')}/link.ipc", heartbeat_s=POLL_S)
+    cache = EmbeddingCache(tmp_path / "embeddings")
     meter = MemoryMeter()
+    dispatcher = Dispatcher(link, Journal(tmp_path / "journal.jsonl"), cache_fetch(cache), report=lambda m: None)
+    model = EncoderModelThread(EncodeContext(settings, cache, meter), lambda: text_side, dispatcher.wakeup)
     started = time.perf_counter()
     try:
-        result = run_streaming_encode(entries, settings, EmbeddingCache(tmp_path / "embeddings"), lambda: text_side,
-                                      meter, link, Journal(tmp_path / "journal.jsonl"), wait_s=0.0,
-                                      stop=threading.Event(), report=lambda message: None)
+        outcome = EncoderLoop(dispatcher, model).run_file(entries, wait_s=0.0, stop=threading.Event())
     finally:
+        model.close()
         meter.close()
+        dispatcher.close()
     seconds = time.perf_counter() - started
-    assert result.encode.encoded == PROMPTS and text_side.calls == PROMPTS and result.jobs == PROMPTS
-    # Each encode (and the load before them) is one wait on the link; a loop that slept through the poll
-    # timeout would take PROMPTS * POLL_S = 100 s. Five timeouts' worth leaves room for a loaded machine.
+    assert outcome.encode.encoded == PROMPTS and text_side.calls == PROMPTS and outcome.jobs == PROMPTS
+    # Every forward pass ran on the model thread, none on the thread that owns the socket.
+    assert text_side.threads == {"text-model"}
+    # Each encode (and the load before them) wakes the link loop; a loop that slept through the poll timeout
+    # would take PROMPTS * POLL_S = 100 s. Five timeouts' worth leaves room for a loaded machine.
     assert seconds < 5 * POLL_S, f"{PROMPTS} instant encodes took {seconds:.1f} s"

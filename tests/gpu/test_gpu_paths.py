@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from sdxl_split.denoiser_service.config import DEFAULT_OFFLOAD_GROUP_MIB, RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, generators
-from sdxl_split.denoiser_service.pipeline import load_denoiser_pipeline
+from sdxl_split.denoiser_service.denoise import generators
+from sdxl_split.denoiser_service.pipeline import build_denoiser
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.encoding_settings import EncodingSettings
@@ -77,10 +77,9 @@ def render(source: ModelSource, config: RenderConfig, record: Embeddings) -> tup
     _free_gpu()
     meter = MemoryMeter(cuda_device=0)
     try:
-        with meter.phase("load"):
-            pipe = load_denoiser_pipeline(source, config)
-        decoded = Denoiser(pipe, config, meter).render(record, config.seed, config.images_per_prompt)
-        del pipe
+        denoiser = build_denoiser(source, config, meter)
+        decoded = denoiser.render(record, config.seed, config.images_per_prompt)
+        del denoiser
         return [np.array(image) for image in decoded.images], meter.summary()
     finally:
         meter.close()
@@ -125,14 +124,14 @@ def test_a_unet_batch_cap_holds_under_group_offload(full_model, record, record_p
     """The offload hooks wrap the batch loop; applied the other way round the cap was lost after the first call."""
     rows: list[int] = []
     config = replace(SMALL, offload="group", unet_batch=1)
-    pipe = load_denoiser_pipeline(full_model, config)
-    pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     meter = MemoryMeter(cuda_device=0)
+    denoiser = build_denoiser(full_model, config, meter)
+    denoiser.pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     try:
-        Denoiser(pipe, config, meter).render(record, config.seed, 1)
+        denoiser.render(record, config.seed, 1)
     finally:
         meter.close()
-        del pipe
+        del denoiser
         _free_gpu()
     record_property("group_offload_unet_batch_1_rows_per_call", ",".join(map(str, rows)))
     assert rows == [1, 1] * SMALL.steps, rows
@@ -143,10 +142,12 @@ def test_fused_qkv_costs_no_memory(full_model, record_property) -> None:
     loaded = {}
     for fused in (False, True):
         _free_gpu()
-        pipe = load_denoiser_pipeline(full_model, replace(SMALL, dtype="bf16", fuse_qkv=fused))
+        meter = MemoryMeter()
+        denoiser = build_denoiser(full_model, replace(SMALL, dtype="bf16", fuse_qkv=fused), meter)
+        meter.close()
         torch.cuda.synchronize()
         loaded[fused] = torch.cuda.memory_allocated() / 2**30
-        del pipe
+        del denoiser
         _free_gpu()
     record_property("fused_qkv_extra_loaded_gib", round(loaded[True] - loaded[False], 3))
     assert loaded[True] <= loaded[False] + 0.01, loaded
@@ -163,7 +164,7 @@ def test_compile_renders_two_jobs_of_one_size_with_one_compilation(tiny_dir: Pat
     counters.clear()
     meter = MemoryMeter(cuda_device=0)
     try:
-        denoiser = Denoiser(load_denoiser_pipeline(source, config), config, meter)
+        denoiser = build_denoiser(source, config, meter)
         denoiser.render(records[0], seed=1, count=1)
         after_first = counters["stats"]["unique_graphs"]
         images = denoiser.render(records[1], seed=2, count=1).images
@@ -178,8 +179,8 @@ def test_compile_renders_two_jobs_of_one_size_with_one_compilation(tiny_dir: Pat
 
 
 def test_fp16_decode_upcasts_the_sdxl_vae_and_retries_overflow_in_fp32(full_model, record_property) -> None:
-    pipe = load_denoiser_pipeline(full_model, SMALL)
-    denoiser = Denoiser(pipe, SMALL, MemoryMeter())
+    denoiser = build_denoiser(full_model, SMALL, MemoryMeter())
+    pipe = denoiser.pipe
     try:
         assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float16
         latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)

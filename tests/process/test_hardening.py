@@ -48,7 +48,7 @@ def start_run(cache: Path, tmp_path: Path, prompts: Path, *extra: str) -> tuple[
 
 def test_sigint_to_run_alone_drains_like_ctrl_c(cache_dir: Path, tmp_path: Path) -> None:
     prompts = prompts_file(tmp_path, 10)
-    proc, log = start_run(cache_dir, tmp_path, prompts, "--job-delay", "0.8")
+    proc, log = start_run(cache_dir, tmp_path, prompts, "--fault", "render_delay_s=0.8")
     out = tmp_path / "out"
     wait_for(lambda: len(list(out.glob("*.png"))) >= 1, timeout=180)
     os.kill(proc.pid, signal.SIGINT)  # to run alone, as `kill -INT` or a supervisor would
@@ -63,7 +63,7 @@ def test_sigint_to_run_alone_drains_like_ctrl_c(cache_dir: Path, tmp_path: Path)
 
 def test_a_second_sigint_aborts_at_once_without_noise(cache_dir: Path, tmp_path: Path) -> None:
     prompts = prompts_file(tmp_path, 10)
-    proc, log = start_run(cache_dir, tmp_path, prompts, "--job-delay", "2")
+    proc, log = start_run(cache_dir, tmp_path, prompts, "--fault", "render_delay_s=2")
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)), timeout=180)
     os.kill(proc.pid, signal.SIGINT)
     wait_for(lambda: "stopping:" in log.read_text())
@@ -76,7 +76,7 @@ def test_a_second_sigint_aborts_at_once_without_noise(cache_dir: Path, tmp_path:
 
 def test_a_killed_denoiser_costs_nothing_and_run_exits_0_with_a_warning(cache_dir: Path, tmp_path: Path) -> None:
     prompts = prompts_file(tmp_path, 8)
-    proc, log = start_run(cache_dir, tmp_path, prompts, "--denoisers", "2", "--job-delay", "0.5")
+    proc, log = start_run(cache_dir, tmp_path, prompts, "--denoisers", "2", "--fault", "render_delay_s=0.5")
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)), timeout=180)
     dispatched = [r for r in journal_records(cache_dir) if r["event"] == "dispatched"]
     victim_pid = int(dispatched[0]["worker"].split("[")[1].split("]")[0])
@@ -90,7 +90,7 @@ def test_a_killed_denoiser_costs_nothing_and_run_exits_0_with_a_warning(cache_di
 
 def test_run_exits_promptly_when_its_encoder_is_killed(cache_dir: Path, tmp_path: Path) -> None:
     prompts = prompts_file(tmp_path, 8)
-    proc, log = start_run(cache_dir, tmp_path, prompts, "--job-delay", "1")
+    proc, log = start_run(cache_dir, tmp_path, prompts, "--fault", "render_delay_s=1")
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)), timeout=180)
     denoiser_pids = {int(r["worker"].split("[")[1].split("]")[0]) for r in journal_records(cache_dir)
                      if r["event"] == "dispatched"}
@@ -115,7 +115,7 @@ def test_a_hung_render_is_requeued_to_another_denoiser(link: Link, cache_dir: Pa
     prompts, out = prompts_file(tmp_path, 6), tmp_path / "out"
     # A deadline far above a tiny job's time (0.1 s): on a loaded 2-core box an 8 s deadline also dropped the
     # healthy denoiser.
-    hung = link.denoiser(out, "--credits", "1", "--hang-on-job", "1", name="hung")
+    hung = link.denoiser(out, "--credits", "1", "--fault", "hang_on_render=1", name="hung")
     encoder = link.encoder(prompts, "--job-timeout", "20")
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)), timeout=180)
     healthy = link.denoiser(out, "--credits", "1", name="healthy")

@@ -38,10 +38,10 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
     if first == "denoiser":
         denoiser = link.denoiser(out)
         link.wait_ready("denoiser")
-        encoder = link.encoder(prompts, "--throttle", "0.4")
+        encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.4")
     else:
         # The denoiser starts after the first prompt is queued and must load while the other eleven encode.
-        encoder = link.encoder(prompts, "--throttle", "0.8")
+        encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.8")
         wait_for(lambda: any(r["event"] == "queued" for r in journal_records(cache_dir)))
         denoiser = link.denoiser(out)
     summary = encoder_summary(link, encoder)
@@ -57,7 +57,7 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
 def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_path: Path) -> None:
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     fast = link.denoiser(out, "--credits", "1", name="fast")
-    slow = link.denoiser(out, "--credits", "1", "--job-delay", "1.5", name="slow")
+    slow = link.denoiser(out, "--credits", "1", "--fault", "render_delay_s=1.5", name="slow")
     link.wait_ready("fast", "slow")
     summary = encoder_summary(link, link.encoder(prompts))
     assert fast.wait(timeout=120) == 0 and slow.wait(timeout=120) == 0
@@ -73,7 +73,7 @@ def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_
 
 def test_kill_9_denoiser_with_jobs_in_flight_loses_nothing(link: Link, cache_dir: Path, tmp_path: Path) -> None:
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
-    victim = link.denoiser(out, "--credits", "2", "--job-delay", "3", name="victim")
+    victim = link.denoiser(out, "--credits", "2", "--fault", "render_delay_s=3", name="victim")
     link.wait_ready("victim")
     encoder = link.encoder(prompts)
     wait_for(lambda: any(r["event"] == "dispatched" for r in journal_records(cache_dir)))
@@ -94,7 +94,7 @@ def test_killed_encoder_restarts_and_renders_only_the_missing(link: Link, cache_
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
     denoiser = link.denoiser(out, "--serve", "--credits", "1")
     link.wait_ready("denoiser")
-    first = link.encoder(prompts, "--throttle", "0.5", name="first")
+    first = link.encoder(prompts, "--fault", "encode_delay_s=0.5", name="first")
     wait_for(lambda: len(list(out.glob("*.png"))) >= 3)
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -112,19 +112,19 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
     import pickle
 
     prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
-    encoder = link.encoder(prompts, "--throttle", "0.3")
+    encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.3")
     wait_for(link.bound)  # messages sent before the encoder binds would be dropped with the rogue's socket
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
     rogue.connect(link.endpoint)
-    header = {"proto": "sdxl-split", "v": 2, "type": "HEARTBEAT"}
+    header = {"proto": "sdxl-split", "v": 3, "type": "HEARTBEAT"}
     for frames in (
         [pickle.dumps({"type": "READY", "credits": 5})],
         [b"\x00\xffgarbage"],
         [json.dumps({**header, "type": "STEAL"}).encode()],
         [json.dumps({**header, "v": 99}).encode()],
-        [json.dumps({**header, "type": "DONE", "work_id": "0" * 64, "attempt": 1, "images": [],
+        [json.dumps({**header, "type": "DONE", "job_id": "0" * 64, "attempt": 1, "images": [],
                      "seconds": 0}).encode()],
     ):
         rogue.send_multipart(frames)
@@ -194,7 +194,7 @@ def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tm
                 if isinstance(message, (p.Done, p.Error)):
                     replies.append(message)
         # The refused JOB is answered, so the encoder can retry it elsewhere instead of holding it forever.
-        assert isinstance(replies[0], p.Error) and replies[0].work_id == "a" * 64
+        assert isinstance(replies[0], p.Error) and replies[0].job_id == "a" * 64
         assert "JOB refused" in replies[0].reason and "same shapes" in replies[0].reason
         assert isinstance(replies[-1], p.Done) and len(replies[-1].images) == 1
         router.send_multipart([identity, *p.encode(p.Bye("test over"))])
@@ -257,7 +257,7 @@ def test_a_denoiser_that_fails_every_job_does_not_sink_the_queue(link: Link, cac
             if broken.poll(200):
                 message = p.decode(broken.recv_multipart())
                 if isinstance(message, p.Job):
-                    broken.send_multipart(p.encode(p.Error(work_id=message.work_id, attempt=message.attempt,
+                    broken.send_multipart(p.encode(p.Error(job_id=message.job_id, attempt=message.attempt,
                                                            reason="broken on purpose")))
                     failed += 1
                 elif isinstance(message, p.Heartbeat):

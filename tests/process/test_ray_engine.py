@@ -10,6 +10,8 @@ import pytest
 from conftest import run_cli
 from process_kit import RENDER, assert_each_image_once, manifest, prompts_file
 
+from sdxl_split.shared.faults import KILL_MARKER
+
 pytest.importorskip("ray.data", reason="the ray extra is not installed: pip install -e '.[ray]'")
 
 pytestmark = pytest.mark.slow
@@ -54,9 +56,9 @@ def test_a_killed_denoiser_actor_loses_no_image_and_writes_none_twice(cache_dir:
     """The hook SIGKILLs the actor right after the first image of a two-image job; Ray restarts it and retries
     the job, which finds that image by name and renders only the other."""
     prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
-    result = run_ray(prompts, out, cache_dir, "--kill-denoiser-after", "1")
+    result = run_ray(prompts, out, cache_dir, "--fault", "kill_after_images=1")
     assert result.returncode == 0, result.stderr
-    assert (out / ".sdxl-split-test-kill").exists(), "the hook never fired"
+    assert (out / KILL_MARKER).exists(), "the fault never fired"
     assert "7 images rendered, 1 already there" in result.stdout
     assert_each_image_once(out, 8)
     assert len({row["image_id"] for row in manifest(out)}) == len(manifest(out)) == 8
