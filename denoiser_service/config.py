@@ -105,7 +105,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def validate(config: RenderConfig, cuda_available: bool) -> None:
     """Refuse combinations that cannot work, before any model is loaded."""
-    on_gpu = config.device.startswith("cuda")
+    check_image(config)
+    _check_placement(config, cuda_available)
+
+
+def check_image(config: RenderConfig) -> None:
+    """The settings of the images themselves: size, batch, seeds, guidance, steps, scheduler."""
     for value, name in ((config.width, "width"), (config.height, "height")):
         if value < 8 or value % 8:
             raise UserError(f"image {name} {value} must be a positive multiple of 8 (the VAE works in 8x8 blocks)")
@@ -119,23 +124,23 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
                         "lower --images-per-prompt or --size")
     if problem := seed_range_problem(config.seed, config.images_per_prompt):
         raise UserError(f"--seed: {problem}; use a smaller seed")
-    if config.device.startswith("cuda") and not cuda_available:
+    if not math.isfinite(config.guidance) or not 0 <= config.guidance <= MAX_GUIDANCE:
+        raise UserError(f"--guidance {config.guidance} must be from 0 to {MAX_GUIDANCE:g} (1 turns guidance off; "
+                        "SDXL is usually run at 5 to 8)")
+    if config.steps < 1 or config.images_per_prompt < 1:
+        raise UserError("--steps and --images-per-prompt must be at least 1")
+    if config.scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+
+
+def _check_placement(config: RenderConfig, cuda_available: bool) -> None:
+    """Where and how the model runs: device, offload, quantization, compilation, attention, VAE options."""
+    on_gpu = config.device.startswith("cuda")
+    if on_gpu and not cuda_available:
         raise UserError(f"--device {config.device} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
     if config.offload != "none" and not on_gpu:
         raise UserError(f"--offload {config.offload} moves weights between CPU and GPU, so it needs --device cuda")
-    if config.quantize not in QUANTIZE:
-        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}")
-    if config.quantize != "none" and config.offload != "none":
-        raise UserError(f"--quantize {config.quantize} cannot be combined with --offload {config.offload} yet: "
-                        "the offload hooks copy plain tensors, not torchao's quantized ones; pick one")
-    if config.quantize == "fp8" and not on_gpu:
-        raise UserError(FP8_NEEDS_GPU)
-    if config.quantize == "fp8" and config.dtype != "bf16":
-        raise UserError(f"--quantize fp8 scales each row of a weight, which torchao does for bf16 weights only; "
-                        f"add --dtype bf16 (not {config.dtype})")
-    if config.quantize != "none" and importlib.util.find_spec("torchao") is None:
-        raise UserError(f"--quantize {config.quantize} needs torchao; install it with pip install "
-                        "'sdxl-split[quant]'")
+    _check_quantize(config, on_gpu)
     if config.offload_group_mib is not None and config.offload != "group":
         raise UserError("--offload-group-mib sizes the groups of --offload group; add --offload group")
     compiling = config.compile or config.compile_vae
@@ -154,12 +159,21 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
         raise UserError("--vae-model names a tiny autoencoder; add --vae tiny")
     if config.vae_tiling and (config.vae_tile_size < 64 or config.vae_tile_size % 64):
         raise UserError("--vae-tile-size must be a multiple of 64 pixels")
-    if not math.isfinite(config.guidance) or not 0 <= config.guidance <= MAX_GUIDANCE:
-        raise UserError(f"--guidance {config.guidance} must be from 0 to {MAX_GUIDANCE:g} (1 turns guidance off; "
-                        "SDXL is usually run at 5 to 8)")
     if config.unet_batch is not None and config.unet_batch < 1:
         raise UserError(f"--unet-batch {config.unet_batch} must be at least 1 (rows per UNet call)")
-    if config.steps < 1 or config.images_per_prompt < 1:
-        raise UserError("--steps and --images-per-prompt must be at least 1")
-    if config.scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+
+
+def _check_quantize(config: RenderConfig, on_gpu: bool) -> None:
+    if config.quantize not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}")
+    if config.quantize != "none" and config.offload != "none":
+        raise UserError(f"--quantize {config.quantize} cannot be combined with --offload {config.offload} yet: "
+                        "the offload hooks copy plain tensors, not torchao's quantized ones; pick one")
+    if config.quantize == "fp8" and not on_gpu:
+        raise UserError(FP8_NEEDS_GPU)
+    if config.quantize == "fp8" and config.dtype != "bf16":
+        raise UserError(f"--quantize fp8 scales each row of a weight, which torchao does for bf16 weights only; "
+                        f"add --dtype bf16 (not {config.dtype})")
+    if config.quantize != "none" and importlib.util.find_spec("torchao") is None:
+        raise UserError(f"--quantize {config.quantize} needs torchao; install it with pip install "
+                        "'sdxl-split[quant]'")

@@ -51,31 +51,13 @@ def from_jsonable(cls: type[T], raw: Any, where: str = "spec") -> T:
 def _build(hint: Any, raw: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if raw is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _build(option, raw, where)
-            except SpecError as err:
-                errors.append(str(err))
-        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: fits none of {hint}")
+        return _build_union(hint, raw, where)
     if origin is typing.Literal:
         if raw not in typing.get_args(hint):
             raise SpecError(f"{where}: {raw!r} is not one of {typing.get_args(hint)}")
         return raw
     if origin is tuple:
-        if not isinstance(raw, list):
-            raise SpecError(f"{where}: expected a list")
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
-            return tuple(_build(args[0], value, f"{where}[{n}]") for n, value in enumerate(raw))
-        if len(raw) != len(args):
-            raise SpecError(f"{where}: expected {len(args)} items")
-        return tuple(_build(arg, value, f"{where}[{n}]") for n, (arg, value) in enumerate(zip(args, raw)))
+        return _build_tuple(hint, raw, where)
     if origin is dict or hint is dict:
         if not isinstance(raw, dict):
             raise SpecError(f"{where}: expected an object")
@@ -84,23 +66,57 @@ def _build(hint: Any, raw: Any, where: str) -> Any:
     if hint is Any:
         return raw
     if dataclasses.is_dataclass(hint):
-        if not isinstance(raw, dict):
-            raise SpecError(f"{where}: expected an object")
-        hints = typing.get_type_hints(hint)
-        fields = {f.name: f for f in dataclasses.fields(hint) if f.init}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise SpecError(f"{where}: unknown field {unknown[0]!r}")
-        values = {}
-        for name, spec_field in fields.items():
-            if name in raw:
-                values[name] = _build(hints[name], raw[name], f"{where}.{name}")
-            elif spec_field.default is dataclasses.MISSING and spec_field.default_factory is dataclasses.MISSING:
-                raise SpecError(f"{where}: missing field {name!r}")
+        return _build_dataclass(hint, raw, where)
+    return _build_scalar(hint, raw, where)
+
+
+def _build_union(hint: Any, raw: Any, where: str) -> Any:
+    options = typing.get_args(hint)
+    if raw is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
         try:
-            return hint(**values)
-        except (TypeError, ValueError) as err:
-            raise SpecError(f"{where}: {err}") from None
+            return _build(option, raw, where)
+        except SpecError as err:
+            errors.append(str(err))
+    raise SpecError(errors[0] if len(errors) == 1 else f"{where}: fits none of {hint}")
+
+
+def _build_tuple(hint: Any, raw: Any, where: str) -> tuple:
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: expected a list")
+    args = typing.get_args(hint)
+    if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+        return tuple(_build(args[0], value, f"{where}[{n}]") for n, value in enumerate(raw))
+    if len(raw) != len(args):
+        raise SpecError(f"{where}: expected {len(args)} items")
+    return tuple(_build(arg, value, f"{where}[{n}]") for n, (arg, value) in enumerate(zip(args, raw)))
+
+
+def _build_dataclass(hint: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected an object")
+    hints = typing.get_type_hints(hint)
+    fields = {f.name: f for f in dataclasses.fields(hint) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{where}: unknown field {unknown[0]!r}")
+    values = {}
+    for name, spec_field in fields.items():
+        if name in raw:
+            values[name] = _build(hints[name], raw[name], f"{where}.{name}")
+        elif spec_field.default is dataclasses.MISSING and spec_field.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{where}: missing field {name!r}")
+    try:
+        return hint(**values)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{where}: {err}") from None
+
+
+def _build_scalar(hint: Any, raw: Any, where: str) -> Any:
     if hint is Path:
         if not isinstance(raw, str):
             raise SpecError(f"{where}: expected a path string")
