@@ -72,7 +72,8 @@ def render(ctx: click.Context, prompts: Path | None, connect: str | None, credit
     prompt_file = read_prompts(opts, prompts, encoding)
     check_seeds(prompts, prompt_file.entries, config)
     spec = denoiser_spec(opts, config, encoding, threads=threads, metadata=kw["metadata"],
-                         lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"], faults=faults)
+                         lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"], faults=faults,
+                         entries=prompt_file.entries)
     settings = encoding.settings(spec.source, opts.cache_dir)
     batches, missing = find_cached(spec, prompt_file.entries, settings, EmbeddingCache(opts.embeddings_dir))
     for entry, problem in missing[:MAX_LISTED]:
@@ -112,8 +113,9 @@ def check_seeds(path: Path, entries, config) -> None:
 
 
 def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, threads: int | None = None,
-                  metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False, faults=None):
-    """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says."""
+                  metadata: str = "a1111", lora_cache: int = 8, fuse_lora: bool = False, faults=None, entries=()):
+    """What a denoiser renders with: the resolved model (resolved here unless given), named as --model says, and
+    the LoRA files this process resolved for `entries` and --lora, handed over so it renders those very files."""
     from sdxl_split.denoiser_service.spec import DenoiserSpec, model_identity
     from sdxl_split.shared.faults import Faults
 
@@ -121,6 +123,7 @@ def denoiser_spec(opts: GlobalOptions, config, encoding: Encoding, source=None, 
     identity = model_identity(source, opts.cache_dir, full_metadata=metadata == "full")
     return DenoiserSpec(source=source, identity=identity, config=config, cache_dir=opts.cache_dir, threads=threads,
                         extras=encoding.extras(), lora_cache=lora_cache, fuse_lora=fuse_lora,
+                        lora_files=encoding.extras().resolver(opts.cache_dir).unet_files(entries),
                         faults=faults or Faults())
 
 

@@ -98,7 +98,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
             serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source,
                                                        metadata=kw["metadata"], lora_cache=kw["lora_cache"],
                                                        fuse_lora=kw["fuse_lora"], threads=denoiser_threads,
-                                                       faults=faults),
+                                                       faults=faults, entries=encoding.entries),
                                 endpoint=endpoint, credits=credits)
             if _all_rendered(encoding, serving, config, choice, opts):
                 return

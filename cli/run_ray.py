@@ -69,7 +69,7 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw:
     source = resolve(opts)
     denoiser = denoiser_spec(opts, config, choice, source, threads=1 if on_gpu else math.ceil(options.denoiser_cpus),
                              metadata=kw["metadata"], lora_cache=kw["lora_cache"], fuse_lora=kw["fuse_lora"],
-                             faults=faults)
+                             faults=faults, entries=prompt_file.entries)
     settings = choice.settings(source, opts.cache_dir)
     plan = plan_jobs(prompt_file.entries, settings, choice.extras().resolver(opts.cache_dir), config,
                      denoiser.identity)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from sdxl_split.shared.errors import JobError, UserError, first_line
-from sdxl_split.shared.loras import LoraFinder, LoraUse
+from sdxl_split.shared.errors import JobError, NotOnThisDenoiser, UserError, first_line
+from sdxl_split.shared.loras import LoraFinder, LoraUse, check_shapes, widest_layer
 
 
 class LoraBank:
@@ -29,8 +29,9 @@ class LoraBank:
         wanted = self._key(uses)
         if self.fused is not None:
             if wanted != self.fused:
-                raise JobError(f"this denoiser has LoRAs fused (--fuse-lora: {_names(self.fused_uses)}); the job "
-                               f"needs {_names(uses) or 'none'}; run a denoiser without --fuse-lora for it")
+                raise NotOnThisDenoiser(f"this denoiser has LoRAs fused (--fuse-lora: {_names(self.fused_uses)}); "
+                                        f"the job needs {_names(uses) or 'none'}; run a denoiser without --fuse-lora "
+                                        "for it")
             return
         if wanted == self._active:
             return
@@ -66,14 +67,19 @@ class LoraBank:
         from sdxl_split.denoiser_service.offload_groups import reapply_sized_group_offload
 
         if has_fused_projections(self.pipe.unet):
-            raise JobError(f"LoRA {use.name} cannot be switched in on a denoiser with --fuse-qkv: its q/k/v layers "
-                           "are fused into new ones the LoRA does not reach; run this denoiser with --fuse-lora "
-                           "(the LoRA is fused first) or without --fuse-qkv")
+            raise NotOnThisDenoiser(f"LoRA {use.name} cannot be switched in on a denoiser with --fuse-qkv: its q/k/v "
+                                    "layers are fused into new ones the LoRA does not reach; run this denoiser with "
+                                    "--fuse-lora (the LoRA is fused first) or without --fuse-qkv")
         lora = self.finder.by_hash(use)
         if lora is None:
             where = f"under --lora-dir {self.finder.lora_dir}" if self.finder.lora_dir else "(no --lora-dir is set)"
-            raise JobError(f"LoRA {use.name} (sha256 {use.sha256[:12]}) is not on this denoiser {where}; copy the "
-                           "same file there")
+            raise NotOnThisDenoiser(f"LoRA {use.name} (sha256 {use.sha256[:12]}) is not on this denoiser {where}; "
+                                    "copy the same file there")
+        try:
+            # Before anything is read or allocated: a header may declare a rank that would cost terabytes.
+            check_shapes(lora.path, widest_layer(self.pipe.unet), "unet")
+        except UserError as err:
+            raise JobError(str(err)) from None
         try:
             state, alphas, metadata = self.pipe.lora_state_dict(str(lora.path), unet_config=self.pipe.unet.config,
                                                                 return_lora_metadata=True)

@@ -61,7 +61,7 @@ def image_batch(entry: PromptEntry, record: Embeddings, config: RenderConfig, mo
         image_id=image_id(render, index), render_id=render, index=index, seed=seed + index, prompt=entry.prompt,
         negative_prompt=entry.negative_prompt, embedding_key=record.key, sampler=SCHEDULERS[config.scheduler][2],
         model=model.name, model_hash=model.hash or model.fingerprint.split(":")[-1], model_source=model.source,
-        config=settings, lora_hashes=_hashes((u.name, u.sha256) for u in (*record.settings.loras, *loras)),
+        config=settings, lora_hashes=_lora_hashes((*record.settings.loras, *loras)),
         ti_hashes=_hashes(record.settings.inversions)) for index in range(count))
     return ImageBatch(render, entry, record, seed, count, metas, names, tuple(loras))
 
@@ -79,6 +79,13 @@ def batch_files(key: str, entry: PromptEntry, config: RenderConfig, model: Model
 
 
 def _hashes(pairs: Iterable[tuple[str, str]]) -> str | None:
-    """A1111's `Lora hashes`/`TI hashes` value: "name: hash, ...", by the first 12 hex digits of each file's sha256."""
-    seen = dict(pairs)
-    return ", ".join(f"{name}: {sha[:12]}" for name, sha in seen.items()) or None
+    """A1111's `Lora hashes`/`TI hashes` value: "name: hash, ...", names without the `:` and `,` that would break
+    the list, hashes to their first 12 hex digits (a textual inversion's: the sha256 of the whole file)."""
+    seen = {name.replace(":", "").replace(",", ""): digest[:12] for name, digest in pairs}
+    return ", ".join(f"{name}: {digest}" for name, digest in seen.items()) or None
+
+
+def _lora_hashes(uses: tuple[LoraUse, ...]) -> str | None:
+    """A LoRA's A1111 hash is its `sshs_model_hash` or the sha256 of its tensor data (shared.loras); a record made
+    before that was kept falls back to the file's sha256."""
+    return _hashes((use.name, use.a1111_hash or use.sha256) for use in uses)

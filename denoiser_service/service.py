@@ -16,7 +16,7 @@ from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
-from sdxl_split.shared.errors import JobError, UserError
+from sdxl_split.shared.errors import JobError, NotOnThisDenoiser, UserError
 from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.loras import LoraFinder
 from sdxl_split.shared.memory import MemoryMeter
@@ -41,6 +41,8 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
             notice("--compile: the first image compiles (slow; minutes with max-autotune); a new size or batch "
                    "recompiles")
         finder = LoraFinder(spec.extras.lora_dir, spec.cache_dir)
+        for path in spec.lora_files:
+            finder.register(path)
         fuse = ()
         if spec.fuse_lora:
             found = [(finder.find(name), scale) for name, scale in spec.extras.run_loras]
@@ -68,6 +70,8 @@ def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> Reply:
     started = time.perf_counter()
     try:
         written = renderer.run(image_batch(job.entry, job.record, spec.config, spec.identity, job.loras))
+    except NotOnThisDenoiser as err:
+        return p.Error(job_id=job.job_id, attempt=job.attempt, reason=p.reason_text(str(err)), scope="denoiser")
     except JobError as err:
         return p.Error(job_id=job.job_id, attempt=job.attempt, reason=p.reason_text(str(err)))
     except OSError as err:

@@ -29,6 +29,9 @@ class DenoiserSpec:
     # LoRA adapters kept loaded at once; or the run's --lora set fused into the UNet (and no other accepted).
     lora_cache: int = 8
     fuse_lora: bool = False
+    # LoRA files the process that planned the work resolved (run's, render --prompts'): jobs naming them by hash
+    # render with these, from whatever folder the denoiser runs in.
+    lora_files: tuple[Path, ...] = ()
     faults: Faults = Faults()
 
 

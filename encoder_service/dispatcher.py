@@ -148,9 +148,18 @@ class Dispatcher:
                 return False
             raise
 
+    def _peer_key(self, frame: zmq.Frame) -> str | None:
+        """The CURVE key ZAP authenticated the peer with, or None without CURVE."""
+        if self._auth is None:
+            return None
+        try:
+            return "curve:" + frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+
     def _receive(self) -> None:
-        frames = self.socket.recv_multipart()
-        identity, body = frames[0], frames[1:]
+        frames = self.socket.recv_multipart(copy=False)
+        identity, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
         try:
             message = p.decode(body)
         except p.ProtocolError as err:
@@ -160,7 +169,8 @@ class Dispatcher:
         self.last_peer_seen = now
         if isinstance(message, p.Ready):
             name = f"{message.worker}[{message.pid}]@{message.device}"
-            if self.table.attach(identity, name, message.credits, now, message.out_dir, message.settings_id) is None:
+            if self.table.attach(identity, name, message.credits, now, message.out_dir, message.settings_id,
+                                 key=self._peer_key(frames[1])) is None:
                 self._send_to(identity, p.Bye(f"denoiser {name} is quarantined for this run"))
                 return
             self.report(f"denoiser {message.worker} (pid {message.pid}, {message.device}) attached with "

@@ -112,14 +112,17 @@ class EncoderLoop:
         heartbeat = dispatcher.config.heartbeat_s
         idle_since = time.monotonic()
         while table.outstanding and not stop.is_set():
-            if table.workers:
+            # Jobs every attached denoiser refused (a LoRA none of them has) wait like jobs with no denoiser.
+            stranded = len(table.stranded()) == table.outstanding
+            if table.workers and not stranded:
                 idle_since = time.monotonic()
                 dispatcher.pump(heartbeat)
                 continue
-            # No denoiser: wait for one at most wait_s (a denoiser still loading its model heartbeats before
-            # READY; that counts as coming), and not a poll timeout longer.
-            left = wait_s - (time.monotonic() - max(idle_since, dispatcher.last_peer_seen))
+            # No denoiser that could take them: wait for one at most wait_s (a denoiser still loading its model
+            # heartbeats before READY; that counts as coming), and not a poll timeout longer.
+            left = wait_s - (time.monotonic() - max(idle_since, dispatcher.last_peer_seen if not stranded else 0))
             if left < 0:
+                table.give_up_stranded()
                 return
             dispatcher.pump(min(heartbeat, left))
 

@@ -27,19 +27,27 @@ class JobRecord:
     loras: tuple[LoraUse, ...] = ()  # the UNet halves, sent with it
     attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
     failures: int = 0  # ERRORs its own content caused
-    # Denoisers that died, left or hung holding it: a job that takes down one denoiser after another is buried.
+    # Denoisers (by key) that died, left or hung holding it: a job that takes down one denoiser after another is
+    # buried.
     lost_on: set[str] = field(default_factory=set)
     worker: bytes | None = None
     failed_on: set[bytes] = field(default_factory=set)
+    # Denoisers (by key) that said they cannot render it (a LoRA they lack, a full disk), and why: it never goes
+    # back to them.
+    refused_by: dict[str, str] = field(default_factory=dict)
     state: JobState = JobState.QUEUED
 
 
 @dataclass
 class DenoiserRecord:
     identity: bytes
+    # What it calls itself (host[pid]@device): shown to the user, never trusted.
     name: str
     credits: int
     last_seen: float
+    # What strikes and quarantine hold against it, which the peer cannot choose: its CURVE key where CURVE is on,
+    # else its connection's routing identity.
+    key: str = ""
     out_dir: str = ""
     settings_id: str = ""
     inflight: set[str] = field(default_factory=set)

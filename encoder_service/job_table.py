@@ -12,6 +12,7 @@ from collections.abc import Callable
 from sdxl_split.encoder_service.deadlines import overdue
 from sdxl_split.encoder_service.job_records import DenoiserRecord, JobRecord, JobState
 from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.text import plural
 
 # (event, job id, fields) -> the journal; (message) -> the user.
 Log = Callable[..., None]
@@ -20,9 +21,16 @@ Report = Callable[[str], None]
 Finished = dict[tuple[str, str, str], list[dict]]
 
 
-# A denoiser that loses this many jobs (dies, leaves or hangs holding them, or says it cannot render them) is
-# quarantined: a flapping or hostile peer must not sink good jobs, so the count is held against the denoiser.
+# A denoiser that loses this many jobs (dies, leaves or hangs holding them) is quarantined: a flapping or hostile
+# peer must not sink good jobs, so the count is held against the denoiser, by a key it cannot choose.
 QUARANTINE_STRIKES = 3
+
+
+def connection_key(identity: bytes) -> str:
+    """A peer's key without CURVE: its connection's routing identity (a new connection is a new peer)."""
+    return "connection:" + identity.hex()
+
+
 class JobTable:
     def __init__(self, max_attempts: int, log: Log, report: Report, finished: Finished | None = None,
                  job_timeout_s: float | None = None,
@@ -31,7 +39,7 @@ class JobTable:
         self.job_timeout_s = job_timeout_s
         # Says goodbye to a denoiser dropped for cause, so it does not wait on in silence.
         self.tell = tell
-        # Strikes per denoiser name (host[pid]@device), and the names refused from now on.
+        # Strikes per denoiser key (DenoiserRecord.key), and the keys refused from now on.
         self.strikes: dict[str, int] = {}
         self.quarantined: set[str] = set()
         self.quarantined_identities: set[bytes] = set()
@@ -77,16 +85,17 @@ class JobTable:
 
     # ---- workers ----
     def attach(self, identity: bytes, name: str, credits: int, now: float, out_dir: str = "",
-               settings_id: str = "") -> DenoiserRecord | None:
+               settings_id: str = "", key: str | None = None) -> DenoiserRecord | None:
         """READY: a new denoiser, or one that restarted (whatever it held goes back to the queue). None for a
-        quarantined one, which gets nothing."""
+        quarantined one, which gets nothing. `key`: its CURVE key, where CURVE is on."""
         if identity in self.workers:
             self.lose(identity, f"denoiser {self.workers[identity].name} restarted", quiet=True)
-        if name in self.quarantined:
+        key = key or connection_key(identity)
+        if key in self.quarantined:
             self.quarantined_identities.add(identity)
             return None
         self.coming.pop(identity, None)
-        worker = DenoiserRecord(identity, name, credits, now, out_dir, settings_id, last_progress=now)
+        worker = DenoiserRecord(identity, name, credits, now, key, out_dir, settings_id, last_progress=now)
         self.workers[identity] = worker
         self.ever_attached = True
         return worker
@@ -107,38 +116,42 @@ class JobTable:
 
     def lose(self, identity: bytes, why: str, quiet: bool = False, orderly: bool = False) -> None:
         """A denoiser died, left, hung or stopped answering: its jobs go back to the queue, and each counts as a
-        strike against it, not against the job (unless it left in order, with a BYE)."""
+        strike against it (unless it left in order, with a BYE). The loss counts against a job too, unless the
+        peer never finished a job while others are attached: a peer that takes jobs and vanishes, under a new
+        name each time, must not bury good jobs a healthy denoiser would render."""
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
         if not quiet or worker.inflight:
-            self.report(why + (f"; re-queueing {len(worker.inflight)} job(s)" if worker.inflight else ""))
+            self.report(why + (f"; re-queueing {plural(len(worker.inflight), 'job')}" if worker.inflight else ""))
+        blame_jobs = not orderly and (worker.finished_jobs > 0 or not self.workers)
         lost = 0
         for job_id in sorted(worker.inflight):
             job = self.jobs[job_id]
             if job.state is JobState.DISPATCHED and job.worker == identity:
                 lost += 1
-                if not orderly:
-                    job.lost_on.add(worker.name)
+                if blame_jobs:
+                    job.lost_on.add(worker.key)
                 self._retry_or_bury(job, why)
         if not orderly:
-            self._strike(worker.name, lost)
+            self._strike(worker, lost)
 
-    def _strike(self, name: str, count: int) -> None:
-        if count <= 0 or name in self.quarantined:
+    def _strike(self, worker: DenoiserRecord, count: int) -> None:
+        if count <= 0 or worker.key in self.quarantined:
             return
-        self.strikes[name] = self.strikes.get(name, 0) + count
-        if self.strikes[name] >= QUARANTINE_STRIKES:
-            self._quarantine(name, f"it lost or could not render {self.strikes[name]} jobs")
+        self.strikes[worker.key] = self.strikes.get(worker.key, 0) + count
+        if self.strikes[worker.key] >= QUARANTINE_STRIKES:
+            self._quarantine(worker, f"it lost {self.strikes[worker.key]} jobs")
 
-    def _quarantine(self, name: str, why: str) -> None:
-        self.quarantined.add(name)
-        self.quarantined_identities.update(i for i, w in self.workers.items() if w.name == name)
-        self.report(f"quarantined denoiser {name}: {why}; it gets no more work in this run")
-        for identity, worker in list(self.workers.items()):
-            if worker.name == name:
-                self.lose(identity, f"denoiser {name} quarantined", quiet=True, orderly=True)
-                self.tell(identity, f"denoiser {name} is quarantined for this run: {why}")
+    def _quarantine(self, worker: DenoiserRecord, why: str) -> None:
+        self.quarantined.add(worker.key)
+        self.quarantined_identities.add(worker.identity)
+        self.report(f"quarantined denoiser {worker.name}: {why}; it gets no more work in this run")
+        for identity, other in list(self.workers.items()):
+            if other.key == worker.key:
+                self.quarantined_identities.add(identity)
+                self.lose(identity, f"denoiser {other.name} quarantined", quiet=True, orderly=True)
+                self.tell(identity, f"denoiser {other.name} is quarantined for this run: {why}")
 
     def overdue(self, now: float) -> list[tuple[DenoiserRecord, float]]:
         """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""
@@ -170,7 +183,9 @@ class JobTable:
         return None
 
     def _choose(self, job: JobRecord, ready: list[DenoiserRecord]) -> DenoiserRecord | None:
-        """The freest worker that has not failed this job; one that has, only if no other is alive."""
+        """The freest worker that has not failed this job; one that has, only if no other is alive; never one that
+        said it cannot render it."""
+        ready = [w for w in ready if w.key not in job.refused_by]
         fresh = [w for w in ready if w.identity not in job.failed_on]
         others = [*self.workers, *self.coming]
         if not fresh and any(identity not in job.failed_on for identity in others):
@@ -224,25 +239,40 @@ class JobTable:
     def fail(self, identity: bytes, job_id: str, attempt: int, reason: str, scope: str = "job",
              now: float = 0.0) -> bool:
         """ERROR: the job is retried on another denoiser. A "job" error counts towards dead-lettering it after
-        max_attempts; a "denoiser" one (a full disk, a missing LoRA) counts against the denoiser instead."""
+        max_attempts; a "denoiser" one (a LoRA it lacks, a full disk) means only that this denoiser cannot
+        render it: it never goes back there, and waits for one that can (see stranded)."""
         worker = self.workers.get(identity)
         job = self._owned(worker, job_id, attempt, now) if worker else None
         if job is None:
             return False
         job.failed_on.add(identity)
         self.log("failed", job.job_id, attempt=attempt, worker=worker.name, reason=reason, scope=scope)
-        if scope == "job":
+        if scope != "job":
+            job.refused_by[worker.key] = reason
+        else:
             job.failures += 1
             if not worker.finished_jobs:
                 worker.failed_jobs.add(job_id)
         self._retry_or_bury(job, reason)
-        if scope != "job":
-            self._strike(worker.name, 1)
-        elif len(worker.failed_jobs) >= QUARANTINE_STRIKES and worker.name not in self.quarantined:
+        if scope == "job" and len(worker.failed_jobs) >= QUARANTINE_STRIKES and worker.key not in self.quarantined:
             # One poison job failing again and again on the only denoiser counts once; a GPU that fails every
             # job it is given, and has never finished one, is what is broken.
-            self._quarantine(worker.name, f"it failed {len(worker.failed_jobs)} different jobs and finished none")
+            self._quarantine(worker, f"it failed {len(worker.failed_jobs)} different jobs and finished none")
         return True
+
+    def stranded(self) -> list[JobRecord]:
+        """Queued jobs that every attached denoiser has refused, while no other is on its way: only a denoiser
+        that has not come yet could render them."""
+        if self.coming or not self.workers:
+            return []
+        keys = {worker.key for worker in self.workers.values()}
+        return [self.jobs[job_id] for job_id in self.queue if keys <= set(self.jobs[job_id].refused_by)]
+
+    def give_up_stranded(self) -> None:
+        """Bury the stranded jobs, each with what the denoisers that refused it said."""
+        for job in self.stranded():
+            self.queue.remove(job.job_id)
+            self._bury(job, "no denoiser could render it: " + "; ".join(sorted(set(job.refused_by.values()))))
 
     def _retry_or_bury(self, job: JobRecord, reason: str) -> None:
         job.worker = None
@@ -258,8 +288,8 @@ class JobTable:
     def _bury(self, job: JobRecord, reason: str) -> None:
         job.state, job.worker = JobState.DEAD, None
         self.log("dead_letter", job.job_id, attempts=job.attempt, reason=reason)
-        self.report(f"gave up on line {job.entry.line} ({job.entry.prompt[:50]!r}) after {job.attempt} "
-                    f"attempt(s): {reason}")
+        self.report(f"gave up on line {job.entry.line} ({job.entry.prompt[:50]!r}) after "
+                    f"{plural(job.attempt, 'attempt')}: {reason}")
 
     def leftovers(self) -> list[JobRecord]:
         """Jobs neither done nor dead-lettered: queued, or out on a denoiser."""

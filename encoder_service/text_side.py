@@ -9,6 +9,7 @@ import torch
 
 from sdxl_split.shared.embeddings import CHUNK_LEN, DTYPES, TENSOR_NAMES
 from sdxl_split.shared.errors import UserError, first_line
+from sdxl_split.shared.loras import check_shapes, widest_layer
 from sdxl_split.shared.models.loading import TEXT_ONLY, load_partial_pipeline
 from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.prompts import PromptEntry
@@ -89,6 +90,8 @@ class TextSide:
         if name in self._adapters:
             self._adapters.move_to_end(name)
             return name
+        # Before anything is read or allocated: a header may declare a rank that would cost terabytes.
+        check_shapes(lora.path, widest_layer(self.pipe.text_encoder, self.pipe.text_encoder_2), "text")
         try:
             state, alphas, metadata = self.pipe.lora_state_dict(str(lora.path), return_lora_metadata=True)
             for prefix, encoder in (("text_encoder", self.pipe.text_encoder),

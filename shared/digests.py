@@ -18,6 +18,18 @@ def sha256_of(file: Path) -> str:
     return digest.hexdigest()
 
 
+def safetensors_data_sha256(file: Path) -> str:
+    """sha256 of a safetensors file's tensor data alone, past its 8-byte length and JSON header: the hash kohya's
+    tools and A1111 give a LoRA (its "addnet" hash), which does not change when only the metadata does."""
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def intact(file: Path, sha256: object) -> bool:
     """Whether `file` exists with exactly the bytes whose sha256 was recorded (a record read back from a journal
     or manifest may hold anything)."""
@@ -37,12 +49,19 @@ class DigestMemo:
         self._changed = False
 
     def sha256(self, file: Path) -> str:
+        return self._memoised(file, "", sha256_of)
+
+    def data_sha256(self, file: Path) -> str:
+        """safetensors_data_sha256, memoised like sha256."""
+        return self._memoised(file, "data:", safetensors_data_sha256)
+
+    def _memoised(self, file: Path, kind: str, compute) -> str:
         stat = file.stat()
-        key = str(file.resolve())
+        key = kind + str(file.resolve())
         seen = self.memo.get(key)
         if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
             return seen[2]
-        self.memo[key] = [stat.st_size, stat.st_mtime_ns, sha256_of(file)]
+        self.memo[key] = [stat.st_size, stat.st_mtime_ns, compute(file)]
         self._changed = True
         return self.memo[key][2]
 

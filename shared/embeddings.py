@@ -192,11 +192,14 @@ def _lora_uses(raw: list) -> tuple[LoraUse, ...]:
         raise EmbeddingFormatError("metadata names more than 16 LoRAs")
     uses = []
     for item in raw:
-        if (not isinstance(item, dict) or set(item) != {"name", "sha256", "scale"} or not isinstance(item["name"], str)
+        # a1111_hash is newer than the schema: a record made before it has none.
+        if (not isinstance(item, dict) or not {"name", "sha256", "scale"} <= set(item)
+                or not set(item) <= {"name", "sha256", "scale", "a1111_hash"} or not isinstance(item["name"], str)
                 or not isinstance(item["sha256"], str) or len(item["sha256"]) != 64
+                or not isinstance(item.get("a1111_hash", ""), str) or len(item.get("a1111_hash", "")) > 64
                 or isinstance(item["scale"], bool) or not isinstance(item["scale"], (int, float))):
-            raise EmbeddingFormatError("metadata loras must be {name, sha256, scale} objects")
-        uses.append(LoraUse(item["name"][:255], item["sha256"], float(item["scale"])))
+            raise EmbeddingFormatError("metadata loras must be {name, sha256, scale, a1111_hash} objects")
+        uses.append(LoraUse(item["name"][:255], item["sha256"], float(item["scale"]), item.get("a1111_hash", "")))
     return tuple(uses)
 
 

@@ -32,5 +32,9 @@ class JobError(Exception):
     """This job cannot be rendered (bad embeddings for this model, NaN output); other jobs go on."""
 
 
+class NotOnThisDenoiser(JobError):
+    """This denoiser cannot render the job (a LoRA it lacks, a fixed LoRA set it is not); another denoiser may."""
+
+
 class ModelNotFoundError(UserError):
     """A --model that is neither a known name, a local path, nor a reachable hub repo."""

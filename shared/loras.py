@@ -1,8 +1,10 @@
-"""LoRA files as both sides of the split see them: found by name or path, identified by content hash, and split
-into what changes the text encoders (the encoder's business) and what changes the UNet (the denoiser's).
+"""LoRA files as both sides of the split see them: found by name or path, identified by content hash, checked before
+anything allocates, and split into what changes the text encoders (the encoder's business) and what changes the
+UNet (the denoiser's).
 
-A LoRA is asked for by `--lora FILE[:SCALE]`, by an A1111 tag `<lora:NAME:SCALE>` in the prompt (NAME looked up
-in --lora-dir), or by a JSONL `loras` list. The tag is taken out of the text before encoding, as A1111 does.
+A LoRA is asked for by `--lora FILE[:SCALE]` (a path, or a name), by an A1111 tag `<lora:NAME:SCALE>` in the prompt
+or a JSONL `{"name": ...}` (a plain name, looked up in --lora-dir and never outside it), or by a JSONL
+`{"path": ...}`. The tag is taken out of the text before encoding, as A1111 does.
 """
 
 from __future__ import annotations
@@ -22,15 +24,24 @@ _TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 _UNET_PREFIXES = ("unet.", "lora_unet_")
 MAX_SCALE = 100.0
+# No layer of SDXL (or of any model it could be mistaken for) is wider than this; a LoRA tensor declaring a larger
+# (or an empty) dimension is damaged or hostile, and would make PEFT allocate its rank before anything fails.
+MAX_LORA_DIM = 65536
+# A1111 shows a LoRA by the first 12 hex digits of its hash.
+A1111_HASH_CHARS = 12
 
 
 @dataclass(frozen=True)
 class LoraUse:
-    """One LoRA as a job carries it: enough for each side to find the very same file and apply it."""
+    """One LoRA as a job carries it: enough for each side to find the very same file and apply it, and for the PNG
+    to name it as A1111 does."""
 
     name: str
     sha256: str
     scale: float
+    # A1111's short hash (`Lora hashes` in the infotext): the file's `sshs_model_hash`, else the sha256 of its
+    # tensor data; empty for records made before it was kept.
+    a1111_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,10 @@ class Lora:
     sha256: str
     text: bool  # has text-encoder weights
     unet: bool  # has UNet weights
+    a1111_hash: str = ""
 
     def use(self, scale: float) -> LoraUse:
-        return LoraUse(self.name, self.sha256, scale)
+        return LoraUse(self.name, self.sha256, scale, self.a1111_hash)
 
 
 def parse_scale(text: str, what: str) -> float:
@@ -74,16 +86,47 @@ def strip_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
     return (_TAG.sub("", text) if found else text), found
 
 
-def halves(path: Path) -> tuple[bool, bool]:
-    """(has text-encoder weights, has UNet weights), from the safetensors header alone."""
+def plain_name_problem(name: str) -> str | None:
+    """Why a LoRA name from a prompt or a peer is not a plain file name (one that cannot leave --lora-dir)."""
+    if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", "..") or name.startswith("."):
+        return f"LoRA name {name!r} must be a plain file name in --lora-dir (no folders, no leading dot)"
+    return None
+
+
+def declared(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(every tensor's declared shape, metadata) from the safetensors header alone: nothing is allocated."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return shapes, handle.metadata() or {}
     except Exception as err:  # safetensors raises its own types for files that are not safetensors
         raise UserError(f"LoRA {path} is not a readable .safetensors file ({str(err)[:120]})") from None
-    return (any(k.startswith(_TEXT_PREFIXES) for k in keys), any(k.startswith(_UNET_PREFIXES) for k in keys))
+
+
+def shape_problem(shapes: dict[str, tuple[int, ...]], max_dim: int) -> str | None:
+    """A declared tensor with an empty dimension, or one wider than `max_dim` (the model's widest layer)."""
+    for key, shape in shapes.items():
+        if any(dim < 1 or dim > max_dim for dim in shape):
+            return f"tensor {key} declares shape {list(shape)}, outside 1..{max_dim} in some dimension"
+    return None
+
+
+def widest_layer(*modules) -> int:
+    """The largest dimension of any weight of these modules (torch modules): no LoRA for them can be wider."""
+    return max(max(param.shape) for module in modules for param in module.parameters() if param.dim())
+
+
+def check_shapes(path: Path, max_dim: int, half: str = "") -> dict[str, tuple[int, ...]]:
+    """The declared shapes, refused in one line when one could not belong to a model whose widest layer is
+    `max_dim`: the file is damaged, or made for another model. `half`: "text" or "unet" checks only the tensors
+    of that half (a UNet layer may be wider than any text encoder's)."""
+    shapes, _ = declared(path)
+    prefixes = {"text": _TEXT_PREFIXES, "unet": _UNET_PREFIXES}.get(half, ("",))
+    if problem := shape_problem({k: v for k, v in shapes.items() if k.startswith(prefixes)}, max_dim):
+        raise UserError(f"LoRA {path}: {problem}; the file is damaged or not made for this model")
+    return shapes
 
 
 class LoraFinder:
@@ -95,30 +138,50 @@ class LoraFinder:
         self._found: dict[Path, Lora] = {}
 
     def find(self, name_or_path: str) -> Lora:
+        """A --lora flag's file: a path, or a plain name in --lora-dir."""
         path = Path(name_or_path).expanduser()
-        if not path.is_file() and self.lora_dir is not None:
-            named = self.lora_dir / name_or_path
-            path = named if named.is_file() else named.with_name(named.name + ".safetensors")
-        if not path.is_file():
-            where = f" in --lora-dir {self.lora_dir}" if self.lora_dir else " (and no --lora-dir is set)"
-            raise UserError(f"LoRA {name_or_path!r} not found: no such file{where}")
+        if path.is_file():
+            return self._load(path)
+        return self.find_named(name_or_path)
+
+    def find_named(self, name: str) -> Lora:
+        """A name from a prompt, a JSONL line or a job: a file in --lora-dir (the current folder without one),
+        with or without its .safetensors suffix; never a path elsewhere."""
+        if problem := plain_name_problem(name):
+            raise UserError(problem)
+        folder = self.lora_dir if self.lora_dir is not None else Path.cwd()
+        for candidate in (folder / name, folder / f"{name}.safetensors"):
+            if candidate.is_file():
+                return self._load(candidate)
+        where = f"in --lora-dir {self.lora_dir}" if self.lora_dir else "here (and no --lora-dir is set)"
+        raise UserError(f"LoRA {name!r} not found: no such file {where}")
+
+    def register(self, path: Path) -> None:
+        """A file resolved elsewhere (by `run`'s parent, say) that jobs may name by its hash."""
+        self._load(path)
+
+    def _load(self, path: Path) -> Lora:
         if path.suffix.lower() != ".safetensors":
             raise UserError(f"LoRA {path} is not a .safetensors file; pickled LoRAs are refused")
         path = path.resolve()
         if path not in self._found:
-            text, unet = halves(path)
-            self._found[path] = Lora(name=path.stem, path=path, sha256=self.memo.sha256(path), text=text, unet=unet)
+            shapes = check_shapes(path, MAX_LORA_DIM)
+            metadata = declared(path)[1]
+            short = str(metadata.get("sshs_model_hash") or self.memo.data_sha256(path))[:A1111_HASH_CHARS]
+            self._found[path] = Lora(name=path.stem, path=path, sha256=self.memo.sha256(path),
+                                     text=any(k.startswith(_TEXT_PREFIXES) for k in shapes),
+                                     unet=any(k.startswith(_UNET_PREFIXES) for k in shapes), a1111_hash=short)
             self.memo.save()
         return self._found[path]
 
     def by_hash(self, use: LoraUse) -> Lora | None:
-        """The file for a LoRA a job names: its name under --lora-dir (or a path it was found at), with the
-        same sha256; None when this host has no such file."""
-        for candidate in (use.name, f"{use.name}.safetensors"):
-            try:
-                lora = self.find(candidate)
-            except UserError:
-                continue
-            if lora.sha256 == use.sha256:
-                return lora
-        return next((lora for lora in self._found.values() if lora.sha256 == use.sha256), None)
+        """The file for a LoRA a job names: one registered or found before with the same sha256, else its name
+        under --lora-dir; None when this host has no such file."""
+        known = next((lora for lora in self._found.values() if lora.sha256 == use.sha256), None)
+        if known is not None:
+            return known
+        try:
+            lora = self.find_named(use.name)
+        except UserError:
+            return None
+        return lora if lora.sha256 == use.sha256 else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdxl_split.shared.embeddings import Embeddings
-from sdxl_split.shared.loras import LoraUse
+from sdxl_split.shared.loras import LoraUse, plain_name_problem
 from sdxl_split.shared.prompts import MAX_COUNT, MAX_LORAS, PromptEntry
 from sdxl_split.shared.wire_fields import (
     MAX_FILENAME_CHARS,
@@ -21,6 +21,7 @@ from sdxl_split.shared.wire_fields import (
     int_field,
     scale_field,
     seconds_field,
+    short_hex_field,
     str_field,
 )
 
@@ -113,8 +114,11 @@ class Job(_Message):
             if not isinstance(use, LoraUse):
                 raise ProtocolError("loras must hold LoraUse records")
             str_field(use.name, f"loras[{n}].name", 1, MAX_FILENAME_CHARS)
+            if problem := plain_name_problem(use.name):
+                raise ProtocolError(problem)
             hex64_field(use.sha256, f"loras[{n}].sha256")
             scale_field(use.scale, f"loras[{n}]")
+            short_hex_field(use.a1111_hash, f"loras[{n}].a1111_hash")
 
     @classmethod
     def header_fields(cls) -> tuple[str, ...]:
@@ -132,7 +136,8 @@ class Job(_Message):
     def _header(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
                 "entry": entry_json(self.entry),
-                "loras": [{"name": u.name, "sha256": u.sha256, "scale": u.scale} for u in self.loras]}
+                "loras": [{"name": u.name, "sha256": u.sha256, "scale": u.scale, "a1111_hash": u.a1111_hash}
+                          for u in self.loras]}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class Extras:
     entry: PromptEntry
     text_loras: tuple[tuple[Lora, float], ...] = ()
     unet_loras: tuple[LoraUse, ...] = ()
+    # The files of the UNet halves, as found on this host.
+    unet_files: tuple[Lora, ...] = ()
     # (token, sha256) of each inversion whose token its texts use.
     inversions: tuple[tuple[str, str], ...] = ()
 
@@ -61,6 +63,14 @@ class ExtrasResolver:
         for spec, _ in run_loras:
             self.finder.find(spec)  # a --lora that does not exist fails now, before anything loads
 
+    def unet_files(self, entries) -> tuple[Path, ...]:
+        """Every LoRA file with a UNet half that these lines use, as resolved here: what a local denoiser is handed,
+        so it renders the very files this process found, from any folder."""
+        found = {lora.sha256: lora.path for spec, _ in self.run_loras if (lora := self.finder.find(spec)).unet}
+        for entry in entries:
+            found.update((lora.sha256, lora.path) for lora in self.resolve(entry).unet_files)
+        return tuple(found.values())
+
     def check(self, path: Path, entries) -> None:
         """Resolve every line now, so a missing or unreadable LoRA is one line naming file:line before any model
         loads."""
@@ -72,11 +82,15 @@ class ExtrasResolver:
 
     def resolve(self, entry: PromptEntry) -> Extras:
         prompt, tagged = strip_tags(entry.prompt)
-        asked = [*self.run_loras, *(entry.loras or ()), *tagged]
+        # --lora takes a path or a name; a line's own LoRAs a name in --lora-dir, or a JSONL path (made absolute
+        # when the file was read); a tag a name only, so a prompt can never reach a file outside --lora-dir.
+        asked = [(self.finder.find(spec), scale) for spec, scale in self.run_loras]
+        asked += [(self.finder.find(spec) if Path(spec).is_absolute() else self.finder.find_named(spec), scale)
+                  for spec, scale in entry.loras or ()]
+        asked += [(self.finder.find_named(name), scale) for name, scale in tagged]
         # One file asked for twice counts once, at the scale asked last.
         chosen: dict[str, tuple[Lora, float]] = {}
-        for spec, scale in asked:
-            lora = self.finder.find(spec)
+        for lora, scale in asked:
             chosen.pop(lora.sha256, None)
             chosen[lora.sha256] = (lora, scale)
         if len(chosen) > MAX_LORAS:
@@ -87,6 +101,7 @@ class ExtrasResolver:
             entry=replace(entry, prompt=prompt) if prompt != entry.prompt else entry,
             text_loras=tuple((lora, scale) for lora, scale in chosen.values() if lora.text),
             unet_loras=tuple(lora.use(scale) for lora, scale in chosen.values() if lora.unet),
+            unet_files=tuple(lora for lora, _ in chosen.values() if lora.unet),
             inversions=used)
 
 

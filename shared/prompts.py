@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.loras import plain_name_problem
 
 JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id", "syntax",
                 "loras"}
@@ -114,7 +115,10 @@ def _jsonl_loras(path: Path, number: int, value: object) -> tuple[tuple[str, flo
         if not isinstance(where, str) or not where or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                 or not math.isfinite(scale) or abs(scale) > 100:
             raise _fail(path, number, "a LoRA's name or path must be a string and its scale a number within +-100")
-        out.append((where, float(scale)))
+        if "name" in item and (problem := plain_name_problem(where)):
+            raise _fail(path, number, f"{problem}; use {{\"path\": ...}} for a file elsewhere")
+        # A path is made absolute now, relative to where the command runs, so every process reads the same file.
+        out.append((where if "name" in item else str(Path(where).expanduser().absolute()), float(scale)))
     return tuple(out)
 
 

@@ -139,8 +139,9 @@ def lora_uses(value: Any) -> tuple[LoraUse, ...]:
     for n, item in enumerate(value):
         if not isinstance(item, dict):
             raise ProtocolError(f"loras[{n}] must be an object")
-        exact_keys(item, ("name", "sha256", "scale"), f"loras[{n}]")
-        uses.append(LoraUse(name=item["name"], sha256=item["sha256"], scale=item["scale"]))
+        exact_keys(item, ("name", "sha256", "scale", "a1111_hash"), f"loras[{n}]")
+        uses.append(LoraUse(name=item["name"], sha256=item["sha256"], scale=item["scale"],
+                            a1111_hash=item["a1111_hash"]))
     return tuple(uses)  # Job's own checks validate every field
 
 

@@ -59,6 +59,13 @@ def hex64_field(value: Any, name: str) -> str:
     return value
 
 
+def short_hex_field(value: Any, name: str, high: int = 64) -> str:
+    """A hash shown to people (A1111's short LoRA hash): up to `high` hex digits, or empty when unknown."""
+    if not isinstance(value, str) or len(value) > high or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise ProtocolError(f"{name} must be at most {high} hex digits")
+    return value
+
+
 def seconds_field(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{name} must be a number, got {type(value).__name__}")

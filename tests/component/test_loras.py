@@ -195,3 +195,89 @@ def test_a_per_job_lora_on_a_fused_qkv_denoiser_is_refused_not_ignored(cli, tmp_
     assert result.returncode == 3, result.stderr
     assert "cannot be switched in on a denoiser with --fuse-qkv" in result.stderr
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_a_lora_given_by_path_renders_from_any_folder(cli, tmp_path: Path, assets: Path) -> None:
+    """`--lora /path/x.safetensors` and a JSONL `{"path": ...}` render wherever the command runs: the denoiser is
+    handed the files the command resolved, not left to look their stems up in its own folder."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat"}) + "\n"
+                       + json.dumps({"prompt": "a dog", "loras": [{"path": str(assets / "unetonly.safetensors")}]})
+                       + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flags = ["--lora", f"{assets / 'style.safetensors'}:0.7"]
+    assert cli("--model", "tiny", "encode", str(prompts), *flags, cwd=elsewhere).returncode == 0
+    out = tmp_path / "out"
+    result = cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), *RENDER, *flags,
+                 cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("prompt", ["a <lora:../style:0.5>", "a <lora:/etc/passwd>", "a <lora:.hidden>"])
+def test_a_lora_name_in_a_prompt_cannot_leave_the_lora_dir(session_cache: Path, assets: Path, prompt: str) -> None:
+    resolver = ExtrasResolver((), assets / "sub", (), None, session_cache)
+    (assets / "sub").mkdir(exist_ok=True)
+    with pytest.raises(UserError, match="must be a plain file name in --lora-dir"):
+        resolver.resolve(PromptEntry(line=1, prompt=prompt))
+
+
+def test_a_jsonl_lora_name_with_a_path_in_it_is_refused_naming_the_line(tmp_path: Path) -> None:
+    from sdxl_split.shared.prompts import parse_prompt_file
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "a cat", "loras": [{"name": "../../x"}]}\n')
+    with pytest.raises(UserError, match=r"p.jsonl:2: LoRA name '../../x' must be a plain file name"):
+        parse_prompt_file(prompts)
+
+
+def test_a_lora_declaring_an_impossible_shape_is_refused_before_anything_allocates(cli, tmp_path: Path) -> None:
+    """A header may declare a rank of 2^40 over zero bytes of data; PEFT would allocate it (terabytes) before
+    failing. The declared shapes are checked first."""
+    from safetensors.torch import save
+
+    lora = tmp_path / "huge.safetensors"
+    lora.write_bytes(save({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
+                           torch.zeros((2**40, 0)),
+                           "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight":
+                           torch.zeros((32, 4))}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    result = cli("--model", "tiny", "encode", str(prompts), "--lora", str(lora))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "declares shape [1099511627776, 0]" in lines[0] and str(lora) in lines[0]
+
+
+def test_pngs_name_loras_by_the_hash_a1111_and_civitai_use(cli, tmp_path: Path, assets: Path) -> None:
+    """A1111 writes a .safetensors LoRA's "addnet" hash (sha256 of the bytes past the header, so metadata edits do
+    not change it), or the file's own `sshs_model_hash`; a textual inversion by its whole file's sha256."""
+    import hashlib
+    import struct
+
+    from safetensors.torch import load_file as load_tensors
+    from safetensors.torch import save
+
+    from sdxl_split.denoiser_service.outputs import read_png_metadata
+
+    data = (assets / "style.safetensors").read_bytes()
+    (header,) = struct.unpack("<Q", data[:8])
+    addnet = hashlib.sha256(data[8 + header:]).hexdigest()[:12]
+    assert addnet != hashlib.sha256(data).hexdigest()[:12]
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "style.safetensors").write_bytes(data)
+    (loras / "stamped.safetensors").write_bytes(save(load_tensors(str(assets / "detail.safetensors")),
+                                                     metadata={"sshs_model_hash": "0123456789abcdef" * 4}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat <lora:style:0.5> sparkle\na dog <lora:stamped>\n")
+    flags = ["--lora-dir", str(loras), "--embedding", str(assets / "sparkle.safetensors")]
+    assert cli("--model", "tiny", "encode", str(prompts), *flags).returncode == 0
+    out = tmp_path / "out"
+    assert cli("--model", "tiny", "render", "--prompts", str(prompts), "--out", str(out), *RENDER,
+               *flags).returncode == 0
+    texts = sorted(read_png_metadata(png)[0] for png in out.glob("*.png"))
+    inversion = hashlib.sha256((assets / "sparkle.safetensors").read_bytes()).hexdigest()[:12]
+    assert f'Lora hashes: "style: {addnet}"' in texts[0] and f'TI hashes: "sparkle: {inversion}"' in texts[0]
+    assert 'Lora hashes: "stamped: 0123456789ab"' in texts[1]

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from process_kit import Link, assert_each_image_once, encoder_summary, journal_records, prompts_file
+from conftest import run_cli
+from process_kit import RENDER, Link, assert_each_image_once, encoder_summary, journal_records, prompts_file
 
 from sdxl_split.shared.models.test_assets import tiny_lora
 
@@ -47,13 +48,26 @@ def test_a_job_goes_to_the_denoiser_that_has_its_lora(link: Link, cache_dir: Pat
 
 
 def test_a_lora_no_denoiser_has_is_dead_lettered_with_the_reason(link: Link, cache_dir: Path, tmp_path: Path) -> None:
+    """A missing LoRA is the denoiser's limit, not the job's fault: the job waits --wait seconds for a denoiser that
+    has it, then is given up with what the denoisers said."""
     good, other = lora_dirs(tmp_path)
     prompts, out = prompts_file(tmp_path, 2), tmp_path / "out"
     lacking = link.denoiser(out, "--lora-dir", str(other), name="lacking")
-    encoder = link.encoder(prompts, "--lora", "style", "--lora-dir", str(good), "--max-attempts", "2")
+    encoder = link.encoder(prompts, "--lora", "style", "--lora-dir", str(good), "--wait", "2")
     assert encoder.wait(timeout=300) == 3, link.log("encoder")  # 3: some jobs failed
     text = link.log("encoder")
     summary = json.loads(text[text.index("{\n"):])
     assert lacking.wait(timeout=120) == 0
     assert summary["dead_lettered"] == 2 and summary["done"] == 0
     assert "is not on this denoiser" in link.log("encoder") and not list(out.glob("*.png"))
+
+
+def test_run_renders_a_lora_given_by_path_from_any_folder(cache_dir: Path, tmp_path: Path) -> None:
+    """`run --lora /some/dir/x.safetensors` from another folder: its denoisers are handed the file `run` found."""
+    good, _ = lora_dirs(tmp_path)
+    prompts, out, elsewhere = prompts_file(tmp_path, 2), tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("--model", "tiny", "run", str(prompts), "--out", str(out), *RENDER,
+                     "--lora", f"{good / 'style.safetensors'}:0.7", cache=cache_dir, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert_each_image_once(out, 2)

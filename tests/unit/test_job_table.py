@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_split.encoder_service.job_table import JobState, JobTable
+from sdxl_split.encoder_service.job_table import JobState, JobTable, connection_key
 from sdxl_split.shared.prompts import PromptEntry
 
 A, B = b"denoiser-a", b"denoiser-b"
@@ -119,7 +119,7 @@ def test_a_flapping_denoiser_is_quarantined_and_cannot_bury_a_good_job() -> None
             break
         assert send_all(table) == [("job0", A)]
         table.lose(A, "flaky vanished")
-    assert "flaky[7]@cpu" in table.quarantined and any("quarantined" in line for line in seen.reports)
+    assert connection_key(A) in table.quarantined and any("quarantined" in line for line in seen.reports)
     assert attempt == 4, "refused from the fourth READY on"
     assert table.jobs["job0"].state is JobState.QUEUED and seen.named("dead_letter") == []
     table.attach(B, "good[8]@cpu", credits=1, now=9.0)
@@ -152,11 +152,60 @@ def test_a_denoiser_scoped_error_retries_elsewhere_without_counting_against_the_
     send_all(table)
     assert table.fail(A, "job0", 1, "No space left on device writing /out/x.png", scope="denoiser")
     job = table.jobs["job0"]
-    assert job.state is JobState.QUEUED and job.failures == 0 and table.strikes == {"a": 1}
+    assert job.state is JobState.QUEUED and job.failures == 0 and not table.strikes
     table.workers[B].credits = 1
     assert send_all(table) == [("job0", B)]
     assert table.fail(B, "job0", 2, "NaN latents")  # a job error: max_attempts 1 buries it
     assert job.state is JobState.DEAD
+
+
+def test_a_job_a_denoiser_cannot_render_never_goes_back_to_it_and_is_reported_once_stranded() -> None:
+    """A denoiser that lacks a job's LoRA is not broken: it keeps rendering other jobs, is not quarantined, and
+    never gets that job again; with no denoiser that can take it, the job is buried with what they said."""
+    table, seen = table_with(jobs=2, max_attempts=3)
+    table.attach(A, "lacking", credits=2, now=0.0)
+    send_all(table)
+    assert table.fail(A, "job0", 1, "LoRA style is not on this denoiser", scope="denoiser")
+    assert table.finish(A, "job1", 1, IMAGES, 1.0)
+    assert send_all(table) == [] and table.jobs["job0"].state is JobState.QUEUED
+    assert not table.quarantined and A in table.workers
+    assert [job.job_id for job in table.stranded()] == ["job0"]
+    table.heard(B, now=1.0)  # another denoiser is on its way: not stranded yet
+    assert table.stranded() == []
+    table.attach(B, "having", credits=1, now=2.0)
+    assert send_all(table) == [("job0", B)]
+    table.fail(B, "job0", 2, "LoRA style is not on this denoiser either", scope="denoiser")
+    table.give_up_stranded()
+    assert table.jobs["job0"].state is JobState.DEAD and seen.named("dead_letter") == ["job0"]
+    assert "no denoiser could render it: LoRA style is not on this denoiser" in seen.reports[-1]
+
+
+def test_a_peer_renaming_itself_cannot_bury_jobs_while_a_healthy_denoiser_is_attached() -> None:
+    """Connect, take a job, vanish, under a new name and connection each time: losses by a peer that never finished
+    a job do not count against the job while others are attached."""
+    table, seen = table_with(jobs=12, max_attempts=3)
+    table.attach(B, "healthy[1]@cpu", credits=1, now=0.0)
+    for n in range(24):
+        identity = f"hostile-{n}".encode()
+        table.attach(identity, f"renamed-{n}[{n}]@cpu", credits=4, now=float(n))  # the freest: it gets the retries
+        send_all(table)
+        table.lose(identity, "vanished")
+        if table.workers[B].inflight:
+            [job_id] = table.workers[B].inflight
+            assert table.finish(B, job_id, table.jobs[job_id].attempt, IMAGES, 1.0)
+    assert seen.named("dead_letter") == []
+    assert table.counts()["dead"] == 0
+
+
+def test_quarantine_follows_the_curve_key_not_the_name_a_peer_gives() -> None:
+    table, _ = table_with(jobs=1, max_attempts=3)
+    for n in range(3):
+        identity = f"conn-{n}".encode()
+        assert table.attach(identity, f"name-{n}", credits=1, now=float(n), key="curve:KEY") is not None
+        send_all(table)
+        table.lose(identity, "vanished")
+    assert table.attach(b"conn-9", "a-new-name", credits=1, now=9.0, key="curve:KEY") is None
+    assert table.attach(b"conn-10", "other", credits=1, now=9.0, key="curve:OTHER") is not None
 
 
 def test_a_denoiser_that_makes_no_progress_is_overdue_by_its_deadline() -> None:
@@ -233,7 +282,7 @@ def test_a_denoiser_that_fails_every_job_is_quarantined_before_it_sinks_the_queu
     table.attach(A, "broken", credits=4, now=0.0)
     for job_id, _ in send_all(table):
         table.fail(A, job_id, 1, "broken on purpose")
-    assert "broken" in table.quarantined and A not in table.workers
+    assert connection_key(A) in table.quarantined and A not in table.workers
     assert seen.named("dead_letter") == [] and table.counts()["queued"] == 4
     table.attach(B, "healthy", credits=1, now=1.0)
     for _ in range(4):
