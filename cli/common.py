@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -21,7 +22,9 @@ def notice(message: str) -> None:
     click.echo(message, err=True)
 
 
+@functools.cache
 def resolve(opts: GlobalOptions) -> ModelSource:
+    """--model resolved once per command, however many checks ask for it."""
     quiet_libraries(opts.verbosity)
     source = resolve_model(opts.model, opts.cache_dir, opts.revision, announce=notice)
     if source.random_weights:
@@ -67,11 +70,26 @@ def print_json(payload: dict) -> None:
 
 
 def read_prompts(opts: GlobalOptions, prompts, encoding):
-    """The whole prompt file, checked (lines, LoRA names, inversions) before anything loads; warnings shown."""
+    """The whole prompt file, checked (lines, LoRA names, inversions, prompt lengths) before anything loads;
+    warnings shown."""
+    from sdxl_split.encoder_service.prompt_limits import check_chunk_counts
     from sdxl_split.shared.prompts import parse_prompt_file
 
     prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
     for warning in prompt_file.warnings:
         notice(f"warning: {warning}")
     encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
+    check_chunk_counts(prompts, prompt_file.entries, encoding.prompt_syntax, lambda: load_tokenizer(resolve(opts)))
     return prompt_file
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's CLIP-L tokenizer (bigG's shares its vocabulary), without loading any weights or torch."""
+    from transformers import CLIPTokenizer
+
+    try:
+        if source.config_dir is not None and (source.config_dir / "tokenizer").is_dir():
+            return CLIPTokenizer.from_pretrained(source.config_dir / "tokenizer")
+        return CLIPTokenizer.from_pretrained(source.location, subfolder="tokenizer", revision=source.revision)
+    except OSError as err:
+        raise UserError(f"cannot load the tokenizer of {source.spec} ({str(err).splitlines()[0][:120]})") from None

@@ -22,7 +22,7 @@ from sdxl_split.cli.options import (
 from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
 from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
 from sdxl_split.cli.run_ray import RAY_ONLY, check_engine_options, ray_options, run_with_ray
-from sdxl_split.shared.errors import EXIT_SOME_FAILED
+from sdxl_split.shared.errors import EXIT_BAD_INPUT, EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
 
 # The encoder waits this long for its denoisers (already loaded when it starts) to come back.
@@ -105,6 +105,8 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
             outcome = children.run(specs.dumps(serving), specs.dumps(encoding))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if outcome.encoder.process.exitcode == EXIT_BAD_INPUT:
+        sys.exit(EXIT_BAD_INPUT)  # it said why, in one line; nothing ran that a re-run would finish
     _print_side_by_side(outcome.children)
     summary = outcome.encoder.result
     for child in outcome.children:

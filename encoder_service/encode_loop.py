@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
+from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompt_extras import Extras
 from sdxl_split.shared.prompts import PromptEntry
@@ -95,7 +96,7 @@ def _encoded(misses: list[tuple[str, Extras]], text_side: TextSide, context: Enc
             text_side.use_loras(extras.text_loras)
             yield key, extras, text_side.encode_compiled(extras.entry, settings.clip_skip, syntax)
         except PromptTooLong as err:
-            context.warn(f"line {extras.entry.line}: skipped: the prompt compiles to {err}")
+            raise UserError(f"line {extras.entry.line}: the prompt compiles to {err}; shorten it") from None
 
 
 def _group(entries: list[PromptEntry], context: EncodeContext) -> dict[str, list[tuple[PromptEntry, Extras]]]:
@@ -153,6 +154,10 @@ def _encode_misses(misses: list[tuple[str, Extras]], by_key: dict, context: Enco
                 shown = tail if len(tail) <= 120 else tail[:120] + "..."
                 context.warn(f"line {entry.line}: {name} is longer than CLIP's 77 tokens; dropped: {shown!r} "
                              f"({_KEEP_IT})")
+            if not all(bool(tensor.isfinite().all()) for tensor in encoded.tensors.values()):
+                # Cached, it would be refused on every read and encoded again, forever.
+                raise UserError(f"line {entry.line}: the text encoders made NaN or Inf embeddings; a LoRA or a "
+                                "textual inversion it uses holds NaN or huge weights")
             record = Embeddings(key=key, texts=entry.texts(), settings=context.settings.for_entry(entry, extras),
                                 tensors=encoded.tensors, truncated=bool(encoded.dropped))
             stats.truncated += int(record.truncated)

@@ -1,10 +1,12 @@
-"""Parsed prompt pieces into CLIP's 77-token chunks, the way A1111 lays them out, for one tokenizer.
+"""Parsed prompt pieces into CLIP's 77-token chunks, for one tokenizer, the way A1111 or ComfyUI lays them out.
 
-Each chunk holds 75 tokens between BOS and EOS. A chunk that fills up moves back to its last comma when that
-comma is within the last 20 tokens (so a phrase is not cut in half), and BREAK closes a chunk early. Short chunks
-are padded with EOS; the tokenizer's own pad id then replaces everything after the first EOS, which is how
-diffusers' tokenizers pad too (EOS for CLIP-L, "!" for OpenCLIP bigG), so a one-chunk prompt gets exactly the
-ids diffusers would give it.
+Each chunk holds 75 tokens between BOS and EOS. Short chunks are padded with EOS; the tokenizer's own pad id then
+replaces everything after the first EOS, which is how diffusers' tokenizers pad too (EOS for CLIP-L, "!" for
+OpenCLIP bigG), so a one-chunk prompt gets exactly the ids diffusers would give it.
+- A1111: a chunk that fills up moves back to its last comma when that comma is within the last 20 tokens (so a
+  phrase is not cut in half), and BREAK closes a chunk early.
+- ComfyUI: each piece's tokens stay together: a piece of fewer than 8 tokens that does not fit moves whole to the
+  next chunk; a longer one is cut at the chunk's end. No commas, no BREAK.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from sdxl_split.encoder_service.prompt_syntax import Piece, is_break
 
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20
+# ComfyUI keeps a piece of fewer tokens than this whole, moving it to the next chunk rather than cutting it.
+COMFY_WHOLE_BELOW = 8
 
 
 @dataclass
@@ -22,7 +26,8 @@ class Chunk:
     ids: list[int] = field(default_factory=list)  # 77: BOS, content, EOS and padding
     weights: list[float] = field(default_factory=list)  # one per id; 1.0 for BOS, EOS and padding
     content: int = 0  # tokens of the prompt in it
-    # Why it ended: "full", "comma" (moved back to a comma), "BREAK" or "end".
+    # Why it ended: "full", "comma" (moved back to a comma), "BREAK", "moved" (ComfyUI: the next piece did not
+    # fit) or "end".
     ended_by: str = "end"
     moved: int = 0  # tokens carried to the next chunk by the comma rule
 
@@ -68,6 +73,27 @@ class Chunker:
             close("end")
         return done
 
+    def comfy_chunks(self, pieces: list[Piece]) -> list[Chunk]:
+        done: list[Chunk] = []
+        tokens: list[tuple[int, float]] = []
+        for text, weight in pieces:
+            group = [(token, weight) for token in self.token_ids(text)]
+            large = len(group) >= COMFY_WHOLE_BELOW
+            while group:
+                room = CHUNK_TOKENS - len(tokens)
+                if len(group) <= room:
+                    tokens += group
+                    break
+                if large:
+                    tokens += group[:room]
+                    group = group[room:]
+                    done.append(self._wrap(tokens, "full", 0))
+                else:
+                    done.append(self._wrap(tokens, "moved", len(group)))
+                tokens = []
+        done.append(self._wrap(tokens, "end", 0))
+        return done
+
     def _wrap(self, tokens: list[tuple[int, float]], reason: str, moved: int) -> Chunk:
         content = [t for t, _ in tokens]
         padding = CHUNK_TOKENS - len(content)
@@ -83,23 +109,10 @@ def empty_chunk(chunker: Chunker) -> Chunk:
     return chunker._wrap([], "end", 0)
 
 
-def explain(text: str, tokenizer) -> dict:
-    """How a prompt compiles, for `sdxl-split prompt explain`: pieces, then each chunk's tokens and weights."""
-    from sdxl_split.encoder_service.prompt_syntax import parse
+def layout(chunker: Chunker, syntax: str, text: str) -> list[Chunk]:
+    """The chunks of `text` under an a1111 or comfy syntax."""
+    from sdxl_split.encoder_service import comfy_syntax, prompt_syntax
 
-    pieces = parse(text)
-    chunker = Chunker(tokenizer)
-    chunks = []
-    for number, chunk in enumerate(chunker.chunks(pieces)):
-        content = slice(1, 1 + chunk.content)
-        chunks.append({
-            "chunk": number,
-            "tokens": tokenizer.convert_ids_to_tokens(chunk.ids[content]),
-            "ids": chunk.ids[content],
-            "weights": [round(w, 6) for w in chunk.weights[content]],
-            "ended_by": chunk.ended_by,
-            **({"moved_to_next_chunk": chunk.moved} if chunk.moved else {}),
-        })
-    return {"text": text, "pieces": [{"text": t, "weight": round(w, 6)} if w >= 0 else {"break": True}
-                                     for t, w in pieces],
-            "chunks": chunks, "shape": [1, 77 * len(chunks), "width"]}
+    if syntax == "comfy":
+        return chunker.comfy_chunks(comfy_syntax.parse(text))
+    return chunker.chunks(prompt_syntax.parse(text))

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_split.encoder_service.prompt_chunks import Chunk, Chunker, empty_chunk
-from sdxl_split.encoder_service.prompt_syntax import parse
+from sdxl_split.encoder_service.prompt_chunks import Chunk, Chunker, empty_chunk, layout
 from sdxl_split.shared.embeddings import CHUNK_LEN, MAX_CHUNKS
 
 
@@ -30,9 +29,9 @@ class PromptCompiler:
         self.encoders = [(Chunker(pipe.tokenizer), pipe.text_encoder), (Chunker(pipe.tokenizer_2), pipe.text_encoder_2)]
         self._empty: list[torch.Tensor] | None = None
 
-    def layout(self, text: str) -> list[Chunk]:
+    def layout(self, text: str, syntax: str = "a1111") -> list[Chunk]:
         """The chunks of `text` (the same for both tokenizers: they share CLIP's vocabulary)."""
-        return self.encoders[0][0].chunks(parse(text))
+        return layout(self.encoders[0][0], syntax, text)
 
     def _run(self, encoder, chunk: Chunk, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([chunk.ids], device=self.device)
@@ -50,7 +49,7 @@ class PromptCompiler:
         per_encoder: list[list[torch.Tensor]] = []
         pooled = None
         for index, ((chunker, encoder), source) in enumerate(zip(self.encoders, (text, text_2))):
-            chunks = chunker.chunks(parse(source))
+            chunks = layout(chunker, syntax, source)
             if len(chunks) > MAX_CHUNKS:
                 raise PromptTooLong(f"{len(chunks)} chunks of 75 tokens; at most {MAX_CHUNKS} fit a record")
             states = []

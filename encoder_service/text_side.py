@@ -25,6 +25,25 @@ class EncodedPrompt:
     dropped: dict[str, str]
 
 
+def _inversion_problem(token: str, vectors: torch.Tensor | None, key: str, encoder, tokenizer) -> str | None:
+    """Why these vectors cannot be an inversion's for this encoder, with the fix; None when they can."""
+    if vectors is None:
+        return f"it holds no {key} tensor; an SDXL embedding holds clip_l and clip_g vectors"
+    vectors = vectors[None] if vectors.dim() == 1 else vectors
+    width = encoder.get_input_embeddings().weight.shape[1]
+    if vectors.dim() != 2 or vectors.shape[0] < 1:
+        return f"its {key} tensor has shape {list(vectors.shape)}: no vectors; the file is damaged"
+    if vectors.shape[1] != width:
+        return (f"its {key} vectors are {vectors.shape[1]} wide but this model's encoder takes {width}: it was made "
+                "for another model (an SD 1.5 embedding, say)")
+    if not bool(torch.isfinite(vectors).all()):
+        return f"its {key} vectors hold NaN or Inf; the file is damaged"
+    if token in tokenizer.get_vocab():
+        return (f"its token {token!r} (the file's name) is already a word CLIP knows; rename the file, e.g. to "
+                f"{token}-embedding.safetensors, and write that name in prompts")
+    return None
+
+
 class TextSide:
     """Holds only the text components; diffusers skips loading the UNet and VAE weights entirely."""
 
@@ -63,13 +82,20 @@ class TextSide:
 
         try:
             vectors = load_file(str(inversion.path))
-            for key, encoder, tokenizer in (("clip_l", self.pipe.text_encoder, self.pipe.tokenizer),
-                                            ("clip_g", self.pipe.text_encoder_2, self.pipe.tokenizer_2)):
+        except (ValueError, OSError) as err:
+            raise UserError(f"textual inversion {inversion.path} is not a readable .safetensors file "
+                            f"({first_line(err)})") from None
+        pairs = (("clip_l", self.pipe.text_encoder, self.pipe.tokenizer),
+                 ("clip_g", self.pipe.text_encoder_2, self.pipe.tokenizer_2))
+        for key, encoder, tokenizer in pairs:  # all checked before any is loaded: nothing half-added
+            if problem := _inversion_problem(inversion.token, vectors.get(key), key, encoder, tokenizer):
+                raise UserError(f"textual inversion {inversion.path}: {problem}")
+        try:
+            for key, encoder, tokenizer in pairs:
                 self.pipe.load_textual_inversion(vectors[key], token=inversion.token, text_encoder=encoder,
                                                  tokenizer=tokenizer)
         except (KeyError, ValueError, OSError) as err:
-            raise UserError(f"textual inversion {inversion.path} cannot be used ({first_line(err)}); an SDXL "
-                            "embedding holds clip_l and clip_g tensors as wide as this model's encoders") from None
+            raise UserError(f"textual inversion {inversion.path} cannot be used ({first_line(err)})") from None
 
     def use_loras(self, loras: tuple) -> None:
         """Make exactly these (Lora, scale) pairs active on both text encoders; none: LoRA off."""

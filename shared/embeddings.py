@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sdxl_split.shared.encoding_settings import (
+from sdxl_split.shared.encoding_settings import (  # noqa: F401  (CHUNK_LEN, MAX_CHUNKS: part of the record's bounds)
+    CHUNK_LEN,
     DTYPE_NAMES,
+    MAX_CHUNKS,
     SCHEMA,
     SCHEMA_VERSION,
     TEXT_FIELDS,
@@ -36,8 +38,6 @@ _ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
 # Bounds that any SDXL-family text side sits well inside; anything bigger is refused before allocating. A
 # compiled prompt is up to MAX_CHUNKS chunks of CLIP's 77 tokens.
-CHUNK_LEN = 77
-MAX_CHUNKS = 8
 MAX_SEQ_LEN = CHUNK_LEN * MAX_CHUNKS
 MAX_WIDTH = 8192
 MAX_HEADER_BYTES = 64 * 1024

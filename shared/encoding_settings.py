@@ -17,6 +17,9 @@ SCHEMA = "sdxl-split/embeddings"
 SCHEMA_VERSION = 3
 TEXT_FIELDS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# A compiled prompt is up to MAX_CHUNKS chunks of CLIP's CHUNK_LEN tokens (BOS, 75, EOS).
+CHUNK_LEN = 77
+MAX_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class EncodingSettings:
         return replace(self, syntax=syntax, compiler=compiler_version(syntax), loras=loras, inversions=inversions)
 
 
-# Bumped whenever the a1111/comfy compiler would produce other tensors for the same text.
-CHUNK_COMPILER_VERSION = "1"
+# Bumped whenever the a1111/comfy compiler would produce other tensors for the same text. 2: A1111's weights limited
+# only at the end (zero and negative ones allowed); comfy read as ComfyUI reads it.
+CHUNK_COMPILER_VERSION = "2"
 
 
 def compiler_version(syntax: str) -> str | None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner, Result
-from conftest import cli_env, invoke_cli
+from conftest import cli_env, hang_bound, invoke_cli
 from safetensors import safe_open
 
 from sdxl_split.cli.main import cli as cli_group
@@ -116,7 +116,7 @@ def filled_cache(tmp_path_factory, session_cache: Path) -> dict:
     log = root / "opened.json"
     done = subprocess.run(
         [sys.executable, "-c", NO_DENOISER_SCRIPT, "--model", "tiny", "encode", str(prompts), "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=hang_bound(600),
         env=cli_env(cache, OPENED_LOG=str(log)),
     )
     return {"cache": cache, "prompts": prompts, "done": done, "opened": json.loads(log.read_text())}

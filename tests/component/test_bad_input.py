@@ -206,3 +206,19 @@ def test_an_option_of_the_other_engine_is_refused(cli, tmp_path: Path, flags, wo
     prompts.write_text("a fox\n")
     result = cli("--model", "tiny", "run", str(prompts), *flags)
     assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [["run"], ["encode"], ["render", "--prompts"]])
+def test_a_prompt_over_eight_chunks_is_refused_before_any_work(cli, tmp_path: Path, command: list[str]) -> None:
+    """40 BREAKs compile to 41 chunks; a record holds 8. The whole-file check says so, naming the line, before
+    anything starts (it used to be skipped, with exit 0 and "0 rendered")."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + json.dumps({"prompt": " BREAK ".join(["a cat"] * 41),
+                                                              "syntax": "a1111"}) + "\n")
+    render = ["--out", str(tmp_path / "o"), "--size", "64x64"] if command[0] != "encode" else []
+    result = cli("--model", "tiny", *command, str(prompts), *render)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines[-1] == (f"error: {prompts}:2: prompt compiles to 41 chunks of 75 tokens under --prompt-syntax "
+                         "a1111; at most 8 fit: shorten it or use fewer BREAKs")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli
+from conftest import cli_env, hang_bound, run_cli
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 from PIL import Image
 
@@ -106,7 +106,7 @@ def test_denoiser_never_instantiates_a_text_encoder(cli, cache_dir: Path, tmp_pa
         main(["--model", "tiny", "render", "--prompts", {str(prompts)!r}, "--out", {str(tmp_path / "o")!r},
               "--size", "64x64", "--steps", "2"])
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=hang_bound(600),
                             env=cli_env(cache_dir))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "o").glob("*.png"))) == 1

@@ -281,3 +281,25 @@ def test_pngs_name_loras_by_the_hash_a1111_and_civitai_use(cli, tmp_path: Path, 
     inversion = hashlib.sha256((assets / "sparkle.safetensors").read_bytes()).hexdigest()[:12]
     assert f'Lora hashes: "style: {addnet}"' in texts[0] and f'TI hashes: "sparkle: {inversion}"' in texts[0]
     assert 'Lora hashes: "stamped: 0123456789ab"' in texts[1]
+
+
+@pytest.mark.parametrize("vectors, problem", [
+    ({"clip_l": torch.zeros(0, 32), "clip_g": torch.zeros(0, 64)}, "no vectors; the file is damaged"),
+    ({"clip_l": torch.full((1, 32), float("nan")), "clip_g": torch.zeros(1, 64)}, "hold NaN or Inf"),
+    ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "768 wide but this model's encoder takes 32"),
+    ({"clip_g": torch.zeros(1, 64)}, "holds no clip_l tensor"),
+])
+def test_a_bad_textual_inversion_is_refused_at_load_in_one_line(cli, tmp_path: Path, vectors: dict,
+                                                                 problem: str) -> None:
+    from safetensors.torch import save
+
+    embedding = tmp_path / "oddstyle.safetensors"
+    embedding.write_bytes(save(vectors))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat in oddstyle\n")
+    result = cli("--model", "tiny", "encode", str(prompts), "--embedding", str(embedding))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines[-1].startswith(f"error: textual inversion {embedding}") and problem in lines[-1], lines[-1]
+    assert "{" not in lines[-1] and "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache" / "embeddings").glob("*/*")), "nothing poisoned is cached"

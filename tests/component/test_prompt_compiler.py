@@ -14,7 +14,9 @@ from diffusers import StableDiffusionXLPipeline
 from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.denoise import generators
 from sdxl_split.denoiser_service.pipeline import build_denoiser
-from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunker, explain
+from sdxl_split.encoder_service import comfy_syntax
+from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunker
+from sdxl_split.encoder_service.prompt_explain import as_text, explain
 from sdxl_split.encoder_service.prompt_syntax import parse
 from sdxl_split.encoder_service.text_side import TextSide
 from sdxl_split.shared.embeddings import TENSOR_NAMES, Embeddings
@@ -96,12 +98,40 @@ def test_chunks_move_back_to_a_comma_in_their_last_20_tokens(side: TextSide) -> 
     assert all(len(c.ids) == 77 == len(c.weights) for c in chunks)
 
 
+def test_comfy_keeps_a_short_piece_whole_and_cuts_a_long_one(side: TextSide) -> None:
+    """ComfyUI lays chunks out by piece: one of fewer than 8 tokens that does not fit moves whole to the next
+    chunk; a longer one is cut at the chunk's end; no comma moves anything."""
+    chunker = Chunker(side.pipe.tokenizer)
+    chunks = chunker.comfy_chunks(comfy_syntax.parse(f"{words(72)}, ({words(5)}:1.2)"))
+    assert [c.content for c in chunks] == [73, 5] and chunks[0].ended_by == "moved"
+    chunks = chunker.comfy_chunks(comfy_syntax.parse(f"{words(72)}, ({words(10)}:1.2)"))
+    assert [c.content for c in chunks] == [CHUNK_TOKENS, 8] and chunks[0].ended_by == "full"
+    assert all(len(c.ids) == 77 == len(c.weights) for c in chunks)
+    # The same text under a1111 moves back to the comma instead.
+    assert [c.content for c in chunker.chunks(parse(f"{words(72)}, ({words(10)}:1.2)"))] == [73, 10]
+
+
+def test_comfy_and_a1111_read_nested_weights_differently(side: TextSide) -> None:
+    entry = PromptEntry(line=1, prompt="a ((cat:1.5)) on a sofa")
+    comfy = side.encode_compiled(entry, None, "comfy").tensors
+    absolute = side.encode_compiled(PromptEntry(line=1, prompt="a (cat:1.5) on a sofa"), None, "comfy").tensors
+    assert torch.equal(comfy["prompt_embeds"], absolute["prompt_embeds"]), "ComfyUI: an explicit weight is absolute"
+    a1111 = side.encode_compiled(entry, None, "a1111").tensors
+    assert not torch.equal(a1111["prompt_embeds"], side.encode_compiled(
+        PromptEntry(line=1, prompt="a (cat:1.5) on a sofa"), None, "a1111").tensors["prompt_embeds"])
+
+
 def test_explain_shows_pieces_chunks_and_why_they_ended(side: TextSide) -> None:
-    shown = explain("portrait, (freckles:1.3), [blurry] BREAK city", side.pipe.tokenizer)
+    shown = explain("portrait, (freckles:1.3), [blurry] BREAK city", "a1111", side.pipe.tokenizer)
     assert shown["pieces"][1] == {"text": "freckles", "weight": 1.3} and {"break": True} in shown["pieces"]
     assert [c["ended_by"] for c in shown["chunks"]] == ["BREAK", "end"]
     assert "freckles</w>" in shown["chunks"][0]["tokens"] and 1.3 in shown["chunks"][0]["weights"]
     json.dumps(shown)
+    text = as_text(shown).splitlines()
+    assert text[1] == "pieces:" and "freckles(1.3)" in "\n".join(text)
+    assert text.index("pieces:") < next(n for n, line in enumerate(text) if line.startswith("chunk 0"))
+    plain = explain("a (cat:1.5) BREAK dog", "plain", side.pipe.tokenizer)
+    assert len(plain["chunks"]) == 1 and any("plain reads brackets" in note for note in plain["notes"])
 
 
 def test_compel_tensors_are_compels_own(side: TextSide) -> None:
@@ -120,7 +150,7 @@ def test_syntax_and_compiler_are_in_the_cache_key(session_cache: Path) -> None:
     keys = {entry_key(entry, settings), entry_key(PromptEntry(line=1, prompt="a (cat)", syntax="a1111"), settings),
             entry_key(PromptEntry(line=1, prompt="a (cat)", syntax="comfy"), settings)}
     assert len(keys) == 3
-    assert settings.for_entry(PromptEntry(line=1, prompt="x", syntax="a1111")).compiler == "a1111-1"
+    assert settings.for_entry(PromptEntry(line=1, prompt="x", syntax="a1111")).compiler == "a1111-2"
 
 
 def test_compiled_tensors_render_exactly_as_diffusers_renders_them(side: TextSide, session_cache: Path,

@@ -24,7 +24,8 @@ from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.prompts import PromptEntry
 
-POLL_S = 2.0
+# Long, so that a loop waiting for it (50 x 10 s) and one that does not (milliseconds) are far apart on any box.
+POLL_S = 10.0
 PROMPTS = 50
 
 
@@ -69,5 +70,5 @@ def test_finished_prompts_are_queued_without_waiting_for_the_poll_timeout(tmp_pa
     # Every forward pass ran on the model thread, none on the thread that owns the socket.
     assert text_side.threads == {"text-model"}
     # Each encode (and the load before them) wakes the link loop; a loop that slept through the poll timeout
-    # would take PROMPTS * POLL_S = 100 s. Five timeouts' worth leaves room for a loaded machine.
+    # would take PROMPTS * POLL_S = 500 s. Five timeouts' worth leaves room for a loaded machine.
     assert seconds < 5 * POLL_S, f"{PROMPTS} instant encodes took {seconds:.1f} s"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from cli_process import CliProcess
-from conftest import cli_env, short_ipc_endpoint
+from conftest import cli_env, hang_bound, short_ipc_endpoint
 
 RENDER = ["--size", "64x64", "--steps", "4"]
 
@@ -70,7 +70,7 @@ def manifest(out: Path) -> list[dict]:
 
 
 def encoder_summary(link: Link, proc: CliProcess, name: str = "encoder") -> dict:
-    assert proc.wait(timeout=300) == 0, link.log(name)
+    assert proc.wait(timeout=hang_bound(600)) == 0, link.log(name)
     text = link.log(name)
     return json.loads(text[text.index("{\n"):])
 
@@ -84,8 +84,9 @@ def assert_each_image_once(out: Path, expected: int) -> None:
         assert hashlib.sha256((out / record["file"]).read_bytes()).hexdigest() == record["sha256"]
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
+def wait_for(predicate, timeout: float = 300.0) -> None:
+    """Until `predicate` holds; the timeout only bounds a hang (see conftest.hang_bound)."""
+    deadline = time.time() + hang_bound(timeout)
     while time.time() < deadline:
         if predicate():
             return

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hang_bound
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ def test_dry_run_writes_the_summary_log_tests_and_bench_files(tmp_path: Path, se
     (work / "cache" / "models" / "tiny").symlink_to(session_cache / "models" / "tiny")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "suite.py"), "--dry-run",
                            "--out", str(out), "--work", str(work), "--budget", "240"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=hang_bound(600))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     names = {path.name for path in out.iterdir()}
     stem = next(name[:-5] for name in names if name.endswith(".json"))

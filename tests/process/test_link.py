@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 from cli_process import CliProcess
-from conftest import cli_env, short_ipc_endpoint
+from conftest import cli_env, hang_bound, short_ipc_endpoint
 from process_kit import (
     RENDER,
     Link,
@@ -45,7 +45,7 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
         wait_for(lambda: any(r["event"] == "queued" for r in journal_records(cache_dir)))
         denoiser = link.denoiser(out)
     summary = encoder_summary(link, encoder)
-    assert denoiser.wait(timeout=120) == 0, link.log("denoiser")
+    assert denoiser.wait(timeout=hang_bound(120)) == 0, link.log("denoiser")
     assert summary["done"] == 12 and summary["abandoned"] == 0
     assert_each_image_once(out, 12)
     records = journal_records(cache_dir)
@@ -60,7 +60,7 @@ def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_
     slow = link.denoiser(out, "--credits", "1", "--fault", "render_delay_s=1.5", name="slow")
     link.wait_ready("fast", "slow")
     summary = encoder_summary(link, link.encoder(prompts))
-    assert fast.wait(timeout=120) == 0 and slow.wait(timeout=120) == 0
+    assert fast.wait(timeout=hang_bound(120)) == 0 and slow.wait(timeout=hang_bound(120)) == 0
     assert summary["done"] == 12
     done = [r for r in journal_records(cache_dir) if r["event"] == "done"]
     by_pid = {}
@@ -81,7 +81,7 @@ def test_kill_9_denoiser_with_jobs_in_flight_loses_nothing(link: Link, cache_dir
     link.wait_ready("survivor")
     victim.send_signal(signal.SIGKILL)
     summary = encoder_summary(link, encoder)
-    assert survivor.wait(timeout=120) == 0
+    assert survivor.wait(timeout=hang_bound(120)) == 0
     assert summary["done"] == 12 and summary["dead_lettered"] == 0
     records = journal_records(cache_dir)
     assert any(r["event"] == "requeued" for r in records), "the victim's in-flight jobs must be re-queued"
@@ -105,7 +105,7 @@ def test_killed_encoder_restarts_and_renders_only_the_missing(link: Link, cache_
     assert second["already_done"] >= rendered_before - 1  # one may have finished after the kill
     assert_each_image_once(out, 12)
     denoiser.send_signal(signal.SIGTERM)
-    assert denoiser.wait(timeout=60) == 0
+    assert denoiser.wait(timeout=hang_bound(60)) == 0
 
 
 def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_bad_peers_are_dropped_and_the_run_completes(link: Link, cache_dir: Path
     ctx.term()
     denoiser = link.denoiser(out)
     summary = encoder_summary(link, encoder)
-    assert denoiser.wait(timeout=120) == 0
+    assert denoiser.wait(timeout=hang_bound(120)) == 0
     assert summary["done"] == 4
     assert link.log("encoder").count("dropped a bad message") >= 4
     assert "closed without a BYE" in link.log("encoder"), "ZeroMQ's silent drop of the oversized peer must show"
@@ -198,7 +198,7 @@ def test_denoiser_drops_a_job_whose_tensors_break_the_schema(cache_dir: Path, tm
         assert "JOB refused" in replies[0].reason and "same shapes" in replies[0].reason
         assert isinstance(replies[-1], p.Done) and len(replies[-1].images) == 1
         router.send_multipart([identity, *p.encode(p.Bye("test over"))])
-        assert proc.wait(timeout=60) == 0, proc.output()[0]
+        assert proc.wait(timeout=hang_bound(60)) == 0, proc.output()[0]
         output = proc.output()[0]
         assert "dropped a bad message from the encoder" in output
     finally:
@@ -215,10 +215,10 @@ def test_stream_pngs_equal_render_prompts_pngs(link: Link, cache_dir: Path, tmp_
     link.denoiser(streamed)
     link.wait_ready("denoiser")
     encoder_summary(link, link.encoder(prompts))
-    link.procs[0].wait(timeout=60)
+    link.procs[0].wait(timeout=hang_bound(60))
     offline = link.start("render", "--prompts", str(prompts), "--out", str(from_cache), *RENDER, "--threads", "1",
                          name="offline")
-    assert offline.wait(timeout=120) == 0, link.log("offline")
+    assert offline.wait(timeout=hang_bound(120)) == 0, link.log("offline")
     files = sorted(p.name for p in streamed.glob("*.png"))
     assert files == sorted(p.name for p in from_cache.glob("*.png")) and len(files) == 3
     for name in files:
@@ -268,7 +268,7 @@ def test_a_denoiser_that_fails_every_job_does_not_sink_the_queue(link: Link, cac
         broken.close()
         ctx.term()
     summary = encoder_summary(link, encoder)
-    assert healthy.wait(timeout=120) == 0
+    assert healthy.wait(timeout=hang_bound(120)) == 0
     assert failed >= 1, "the broken denoiser must have been given work"
     assert summary["done"] == 8 and summary["dead_lettered"] == 0
     assert_each_image_once(out, 8)
@@ -280,11 +280,11 @@ def test_rerun_with_other_render_settings_renders_anew(link: Link, cache_dir: Pa
     link.denoiser(out, name="first-denoiser")
     first = encoder_summary(link, link.encoder(prompts, name="first"), name="first")
     assert first["done"] == 2
-    link.procs[0].wait(timeout=60)
+    link.procs[0].wait(timeout=hang_bound(60))
     link.denoiser(out, name="same")
     same = encoder_summary(link, link.encoder(prompts, name="again"), name="again")
     assert same["done"] == 0 and same["already_done"] == 2
-    link.procs[2].wait(timeout=60)
+    link.procs[2].wait(timeout=hang_bound(60))
     link.start("render", "--out", str(out), "--size", "64x64", "--steps", "5", name="other-steps")
     other = encoder_summary(link, link.encoder(prompts, name="third"), name="third")
     assert other["done"] == 2 and other["already_done"] == 0

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import hang_bound, run_cli
 from process_kit import RENDER, Link, assert_each_image_once, encoder_summary, journal_records, prompts_file
 
 from sdxl_split.shared.models.test_assets import tiny_lora
@@ -38,7 +38,7 @@ def test_a_job_goes_to_the_denoiser_that_has_its_lora(link: Link, cache_dir: Pat
     encoder = link.encoder(prompts, "--lora", "style:0.8", "--lora-dir", str(good))
     having = link.denoiser(out, "--lora-dir", str(good), "--credits", "1", name="having")
     summary = encoder_summary(link, encoder)
-    assert having.wait(timeout=120) == 0 and lacking.wait(timeout=120) == 0
+    assert having.wait(timeout=hang_bound(120)) == 0 and lacking.wait(timeout=hang_bound(120)) == 0
     assert summary["done"] == 4 and summary["dead_lettered"] == 0
     failed = [r for r in journal_records(cache_dir) if r["event"] == "failed"]
     assert all("is not on this denoiser" in r["reason"] for r in failed)
@@ -54,10 +54,10 @@ def test_a_lora_no_denoiser_has_is_dead_lettered_with_the_reason(link: Link, cac
     prompts, out = prompts_file(tmp_path, 2), tmp_path / "out"
     lacking = link.denoiser(out, "--lora-dir", str(other), name="lacking")
     encoder = link.encoder(prompts, "--lora", "style", "--lora-dir", str(good), "--wait", "2")
-    assert encoder.wait(timeout=300) == 3, link.log("encoder")  # 3: some jobs failed
+    assert encoder.wait(timeout=hang_bound(300)) == 3, link.log("encoder")  # 3: some jobs failed
     text = link.log("encoder")
     summary = json.loads(text[text.index("{\n"):])
-    assert lacking.wait(timeout=120) == 0
+    assert lacking.wait(timeout=hang_bound(120)) == 0
     assert summary["dead_lettered"] == 2 and summary["done"] == 0
     assert "is not on this denoiser" in link.log("encoder") and not list(out.glob("*.png"))
 

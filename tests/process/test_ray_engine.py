@@ -23,7 +23,7 @@ RAY = ["--engine", "ray", "--encoder-cpus", "1", "--denoiser-cpus", "1"]
 
 def run_ray(prompts: Path, out: Path, cache: Path, *extra: str):
     return run_cli("--model", "tiny", "run", str(prompts), "--out", str(out), *RENDER, "--images-per-prompt", "2",
-                   *RAY, *extra, cache=cache, timeout=240)
+                   *RAY, *extra, cache=cache, timeout=600)
 
 
 def rows_without_time(out: Path) -> list[dict]:
@@ -81,7 +81,7 @@ def test_a_denoiser_without_the_model_fails_with_one_line(cache_dir: Path, tiny_
         weights.unlink()
     prompts = prompts_file(tmp_path, 2)
     result = run_cli("--model", str(model), "run", str(prompts), "--out", str(tmp_path / "out"), *RENDER, *RAY,
-                     cache=cache_dir, timeout=240)
+                     cache=cache_dir, timeout=600)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "denoiser actor" in errors[0] and "unet" in errors[0], result.stderr

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
+from conftest import cli_env, hang_bound
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,12 @@ def test_runs_own_process_never_imports_torch(cache_dir: Path, tmp_path: Path) -
     prompts.write_text("a red bicycle\na lighthouse at dusk\n")
     out = tmp_path / "out"
     args = ["--model", "tiny", "run", str(prompts), "--out", str(out), "--size", "64x64", "--steps", "1"]
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=hang_bound(600),
                           env=cli_env(cache_dir))
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(out.glob("*.png"))) == 2
     # A re-run finds every image, loads no model and still imports no torch here.
-    again = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
-                           env=cli_env(cache_dir))
+    again = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                           timeout=hang_bound(600), env=cli_env(cache_dir))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 rendered, 2 already done" in again.stdout
