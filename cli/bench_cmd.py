@@ -13,6 +13,7 @@ from sdxl_split.cli.common import check_device, default_dtype, notice, resolve
 from sdxl_split.cli.render_cmd import EXIT_SOME_FAILED
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.settings import GlobalOptions
+from sdxl_split.shared.text import plural
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 CRASH_ENV = "SDXL_SPLIT_BENCH_CRASH_ROW"
@@ -126,5 +127,5 @@ def bench(opts: GlobalOptions, row_list: str, size: str, steps: int, images: int
     notice(f"wrote {paths['md']}, {paths['json'].name} and {paths['png'].name}")
     failed = [r["row"] for r in results if r["status"] == "failed"]
     if failed:
-        notice(f"{len(failed)} row(s) failed: {', '.join(failed)}")
+        notice(f"{plural(len(failed), 'row')} failed: {', '.join(failed)}")
         sys.exit(EXIT_SOME_FAILED)

@@ -12,13 +12,14 @@ import click
 
 from sdxl_split.cli.common import print_json
 from sdxl_split.shared.settings import GlobalOptions
+from sdxl_split.shared.text import plural
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
 class DurationError(click.ClickException):
-    """A bad --older-than: one `Error:` line and the usage-error exit code, not click's usage block."""
+    """A bad --older-than: one `error:` line and the usage-error exit code, not click's usage block."""
 
     exit_code = 2
 
@@ -60,14 +61,17 @@ def _quoted(text: str, limit: int = 80) -> str:
     return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
 
 
+_LS_HEADER = f"{'KEY':<12}  {'DTYPE':<5}  {'CLIP SKIP':<9}  {'TEXT':<9}  {'SIZE':>10}  {'AGE':>4}  PROMPT"
+
+
 def _ls_line(entry, now: float) -> str:
     head = f"{entry.key[:12]:<12}"
     tail = f"{format_size(entry.size):>10}  {format_age(now - entry.mtime):>4}"
     if entry.problem:
-        return f"{head}  BAD  {tail}  {entry.problem}"
+        return f"{head}  {'BAD':<5}  {'':<9}  {'':<9}  {tail}  {entry.problem}"
     assert entry.texts is not None
     skip = "-" if entry.clip_skip is None else str(entry.clip_skip)
-    line = (f"{head}  {entry.dtype:<4}  clip_skip={skip:<2}  {'truncated' if entry.truncated else 'full':<9}  "
+    line = (f"{head}  {entry.dtype:<5}  {skip:<9}  {'truncated' if entry.truncated else 'full':<9}  "
             f"{tail}  {_quoted(entry.texts['prompt'] or '')}")
     if entry.texts.get("negative_prompt") is not None:
         line += f"  negative={_quoted(entry.texts['negative_prompt'])}"
@@ -97,10 +101,12 @@ def ls(opts: GlobalOptions, as_json: bool) -> None:
         print_json({"cache_dir": str(store.root), "entries": [asdict(e) for e in entries]})
         return
     now = time.time()
+    if entries:
+        click.echo(_LS_HEADER)
     for entry in entries:
         click.echo(_ls_line(entry, now))
     bad = sum(1 for e in entries if e.problem)
-    click.echo(f"{len(entries)} entries ({bad} bad), {format_size(sum(e.size for e in entries))} "
+    click.echo(f"{plural(len(entries), 'entry', 'entries')} ({bad} bad), {format_size(sum(e.size for e in entries))} "
                f"in {store.root}", err=True)
 
 
@@ -128,7 +134,7 @@ def verify(ctx: click.Context, delete_bad: bool) -> None:
     for _, problem in report.bad:
         click.echo(f"BAD {problem}")
     deleted = f", {report.deleted} deleted" if report.deleted else ""
-    click.echo(f"{report.checked} files checked: {report.checked - len(report.bad)} ok, {len(report.bad)} bad"
+    click.echo(f"{plural(report.checked, 'file')} checked: {report.checked - len(report.bad)} ok, {len(report.bad)} bad"
                f"{deleted} ({store.root})")
     if report.bad:
         raise click.exceptions.Exit(1)
@@ -146,4 +152,4 @@ def gc(opts: GlobalOptions, older_than: float, dry_run: bool) -> None:
     store = EmbeddingCache(opts.embeddings_dir)
     files, size = store.collect(older_than, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {files} files, {format_size(size)} ({size} bytes) from {store.root}")
+    click.echo(f"{verb} {plural(files, 'file')}, {format_size(size)} ({size} bytes) from {store.root}")

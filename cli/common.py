@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -14,6 +15,7 @@ from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.models.resolve import ModelSource, resolve_model
 from sdxl_split.shared.quiet import quiet_libraries
 from sdxl_split.shared.settings import GlobalOptions
+from sdxl_split.shared.text import plural
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
@@ -44,7 +46,7 @@ def check_device(device: str, flag: str = "--device", cuda_devices: int | None =
         if not present:
             raise UserError(f"{flag} {device} asked for CUDA, but torch sees no CUDA GPU; use {flag} cpu")
         if index >= present:
-            raise UserError(f"{flag} {device}: only {present} CUDA device(s) present")
+            raise UserError(f"{flag} {device}: only {plural(present, 'CUDA device')} present")
     elif device not in ("cpu", "mps"):
         raise UserError(f"{flag} {device!r} is not cpu, mps, cuda or cuda:N")
     return device
@@ -69,18 +71,44 @@ def print_json(payload: dict) -> None:
     sys.stdout.write("\n")
 
 
-def read_prompts(opts: GlobalOptions, prompts, encoding):
-    """The whole prompt file, checked (lines, LoRA names, inversions, prompt lengths) before anything loads;
-    warnings shown."""
+def read_prompts(opts: GlobalOptions, source, encoding, default_seed: int = 0):
+    """The prompts of a PromptInput (a file, stdin, or --prompt texts), checked whole (lines, LoRA names,
+    inversions, prompt lengths) before anything loads; warnings shown; a seed of -1 (theirs, or `default_seed`,
+    the command's --seed) drawn at random for each prompt."""
     from sdxl_split.encoder_service.prompt_limits import check_chunk_counts
-    from sdxl_split.shared.prompts import parse_prompt_file
+    from sdxl_split.shared.prompts import STDIN, parse_prompt_file, prompts_from_texts, with_random_seeds
 
-    prompt_file = parse_prompt_file(prompts, default_negative=encoding.negative_prompt)
-    for warning in prompt_file.warnings:
+    negative = encoding.negative_prompt
+    if source.texts and source.path is not None:
+        raise UserError("give a prompt file or --prompt, not both")
+    if source.texts:
+        prompt_file = prompts_from_texts(source.texts, negative)
+    elif source.path is None:
+        raise UserError("no prompts: give a prompt file (or - to read one from stdin), or --prompt TEXT")
+    elif str(source.path) == "-":
+        prompt_file = parse_prompt_file(STDIN, negative, raw=sys.stdin.buffer.read())
+    else:
+        prompt_file = parse_prompt_file(source.path, negative)
+    for warning in (*prompt_file.warnings, *weights_in_plain(prompt_file, encoding.prompt_syntax)):
         notice(f"warning: {warning}")
-    encoding.extras().resolver(opts.cache_dir).check(prompts, prompt_file.entries)
-    check_chunk_counts(prompts, prompt_file.entries, encoding.prompt_syntax, lambda: load_tokenizer(resolve(opts)))
-    return prompt_file
+    encoding.extras().resolver(opts.cache_dir).check(prompt_file.path, prompt_file.entries)
+    check_chunk_counts(prompt_file.path, prompt_file.entries, encoding.prompt_syntax,
+                       lambda: load_tokenizer(resolve(opts)))
+    return dataclasses.replace(prompt_file, entries=with_random_seeds(prompt_file.entries, default_seed))
+
+
+_A1111_WEIGHT = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)|\(\(|\[\[")
+
+
+def weights_in_plain(prompt_file, default_syntax: str) -> list[str]:
+    """One warning for plain prompts that hold A1111 weights, which plain reads as words."""
+    lines = [entry.line for entry in prompt_file.entries if (entry.syntax or default_syntax) == "plain"
+             and any(_A1111_WEIGHT.search(text) for text in entry.texts().values() if text)]
+    if not lines:
+        return []
+    others = f" (and {plural(len(lines) - 1, 'other line')})" if len(lines) > 1 else ""
+    return [f"{prompt_file.path}:{lines[0]}{others}: A1111 weights like (word:1.2) are read as words under "
+            "--prompt-syntax plain; add --prompt-syntax a1111 to apply them"]
 
 
 def load_tokenizer(source: ModelSource):

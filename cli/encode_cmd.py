@@ -10,18 +10,22 @@ import click
 from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, read_prompts, resolve
 from sdxl_split.cli.options import (
     Encoding,
+    PromptInput,
     command_for,
     encoding_options,
     faults_option,
     link_options,
+    prompt_text_option,
     threads_option,
 )
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
+from sdxl_split.shared.text import plural
 
 
 @click.command("encode")
-@click.argument("prompts", type=click.Path(path_type=Path))
+@click.argument("prompts", type=click.Path(path_type=Path), required=False)
+@prompt_text_option()
 @encoding_options
 @click.option("--batch-size", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Prompts per forward pass. 1 is bit-identical to diffusers; more is faster.")
@@ -30,13 +34,15 @@ from sdxl_split.shared.settings import GlobalOptions
 @faults_option()
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead.")
 @click.pass_obj
-def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | None, bind: str, wait_s: float,
+def encode(opts: GlobalOptions, prompts: Path | None, prompt_texts: tuple[str, ...], batch_size: int,
+           threads: int | None, bind: str, wait_s: float,
            curve_dir: Path | None, max_attempts: int, job_timeout: float | None, faults, as_json: bool,
            **kw) -> None:
     """Encode every prompt of PROMPTS into the embedding cache and stream them to denoisers.
 
     PROMPTS is plain text (one prompt per line; blank and # lines skipped) or JSONL with the fields
-    prompt, prompt_2, negative_prompt, negative_prompt_2, seed, count, id. The whole file is
+    prompt, prompt_2, negative_prompt, negative_prompt_2, seed, count, id, syntax, loras; `-` reads
+    it from stdin, and --prompt TEXT (repeatable) gives prompts without a file. The whole file is
     checked before anything is encoded. Only the tokenizers and text encoders are loaded, and only
     if some prompt is not cached yet.
 
@@ -52,6 +58,7 @@ def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | N
     from sdxl_split.shared.wakeup import StopFlag
 
     encoding = Encoding.pop_from(kw)
+    prompts = PromptInput(prompts, prompt_texts)
     spec = encode_spec(opts, prompts, encoding, batch_size, bind, wait_s, curve_dir, max_attempts, faults,
                        threads, job_timeout)
     stop = StopFlag()
@@ -62,21 +69,21 @@ def encode(opts: GlobalOptions, prompts: Path, batch_size: int, threads: int | N
     if as_json:
         print_json(summary)
     else:
-        print_summary(summary, spec, command_for(opts, ["render", "--prompts"], prompts, encoding))
+        print_summary(summary, spec, command_for(opts, ["render"], prompts, encoding, file_flag="--prompts"))
     if some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
 
 
-def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_size: int, bind: str, wait_s: float,
-                curve_dir: Path | None, max_attempts: int, faults=None, threads: int | None = None,
-                job_timeout: float | None = None):
+def encode_spec(opts: GlobalOptions, prompts: PromptInput, encoding: Encoding, batch_size: int, bind: str,
+                wait_s: float, curve_dir: Path | None, max_attempts: int, faults=None, threads: int | None = None,
+                job_timeout: float | None = None, default_seed: int = 0):
     """Check the options and the whole prompt file, resolve the model: everything before any work starts."""
     from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
     from sdxl_split.encoder_service.spec import EncodeSpec
     from sdxl_split.shared.faults import Faults
     from sdxl_split.shared.security import is_loopback
 
-    prompt_file = read_prompts(opts, prompts, encoding)
+    prompt_file = read_prompts(opts, prompts, encoding, default_seed)
     device = check_device(encoding.encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=encoding.dtype, clip_skip=encoding.clip_skip, batch_size=batch_size,
                           threads=threads)
@@ -86,7 +93,8 @@ def encode_spec(opts: GlobalOptions, prompts: Path, encoding: Encoding, batch_si
                "gets your prompts and can feed back results; see `sdxl-split keys init`")
     source = resolve(opts)
     return EncodeSpec(
-        prompts_path=prompts, entries=prompt_file.entries, skipped_lines=prompt_file.skipped_lines, source=source,
+        prompts_path=prompt_file.path, prompts_identity=prompt_file.identity, entries=prompt_file.entries,
+        skipped_lines=prompt_file.skipped_lines, source=source,
         settings=encoding.settings(source, opts.cache_dir), cache_dir=opts.cache_dir,
         config=config, link=LinkConfig(endpoint=bind, curve_dir=curve_dir, max_attempts=max_attempts,
                                        job_timeout_s=job_timeout),
@@ -98,9 +106,10 @@ def print_summary(summary: dict, spec, render_later: str) -> None:
 
     stats = summary["stats"]
     click.echo(
-        f"{stats['prompts']} prompts ({stats['unique']} unique): {stats['hits']} cached, {stats['encoded']} encoded, "
-        f"{stats['skipped_lines']} lines skipped, {stats['truncated']} truncated, {stats['bad_cache_files']} bad "
-        f"cache files replaced; {stats['prompts_per_s']:.2f} prompts/s"
+        f"{plural(stats['prompts'], 'prompt')} ({stats['unique']} unique): {stats['hits']} cached, "
+        f"{stats['encoded']} encoded, {plural(stats['skipped_lines'], 'line')} skipped, {stats['truncated']} "
+        f"truncated, {plural(stats['bad_cache_files'], 'bad cache file')} replaced; "
+        f"{stats['prompts_per_s']:.2f} prompts/s"
     )
     if summary["denoisers_attached"] or summary["already_done"]:
         click.echo(f"jobs: {summary['done']} rendered now, {summary['already_done']} already done, "

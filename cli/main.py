@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)
         sys.exit(err.exit_code)
-    except click.ClickException as err:
-        err.show()
+    except click.ClickException as err:  # the same lower-case `error:` as every other line
+        click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(err.exit_code)
     except UserError as err:
         click.echo(f"error: {err}", err=True)

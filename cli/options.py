@@ -148,9 +148,30 @@ def credits_option():
                              "renders.")
 
 
-def command_for(opts: GlobalOptions, verb: list[str], prompts: Path, encoding: Encoding) -> str:
-    """A copy-pasteable command with the same model and the encoding options that select the cache keys."""
-    words = ["sdxl-split", "--model", opts.model, *verb, str(prompts)]
+@dataclass(frozen=True)
+class PromptInput:
+    """Where a command's prompts come from: a prompt file (`-` reads it from stdin), or --prompt texts."""
+
+    path: Path | None
+    texts: tuple[str, ...] = ()
+
+    def words(self, file_flag: str | None = None) -> list[str]:
+        """The arguments that give another command the same prompts (`file_flag`: render's --prompts)."""
+        if self.texts:
+            return [word for text in self.texts for word in ("--prompt", text)]
+        return [*([file_flag] if file_flag else []), str(self.path)]
+
+
+def prompt_text_option():
+    return click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",
+                        help="A prompt to use instead of a file (repeatable).")
+
+
+def command_for(opts: GlobalOptions, verb: list[str], prompts: PromptInput, encoding: Encoding,
+                file_flag: str | None = None) -> str:
+    """A copy-pasteable command with the same model, prompts and the encoding options that select the cache
+    keys."""
+    words = ["sdxl-split", "--model", opts.model, *verb, *prompts.words(file_flag)]
     if encoding.negative_prompt is not None:
         words += ["--negative-prompt", encoding.negative_prompt]
     if encoding.clip_skip:

@@ -18,6 +18,7 @@ from sdxl_split.denoiser_service.config import (
     SCHEDULERS,
     VAE_KINDS,
     RenderConfig,
+    check_image,
     parse_size,
     validate,
 )
@@ -84,13 +85,20 @@ def render_options(func):
         click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
         click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="Images per prompt (a JSONL 'count' overrides it)."),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-                     help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it)."),
+        click.option("--seed", type=click.IntRange(-1, 2**63 - 1), default=0, show_default=True,
+                     help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it); -1 draws a random seed "
+                          "for each prompt, written to its PNGs and the manifest."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),
         click.option("--metadata", type=click.Choice(["a1111", "full"]), default="a1111", show_default=True,
                      help="a1111: PNGs name the model as A1111 does (hub id, checkpoint stem or folder name, with "
                           "its AutoV2 hash); full: also the --model value itself, local paths included."),
     ])
+
+
+def check_image_options(kw: dict) -> None:
+    """The image settings (size, steps, guidance, seeds...), checked before anything starts: they need no device,
+    so `run` refuses them at once instead of after its children have imported torch."""
+    check_image(_config(kw, device="cpu"))
 
 
 def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None = None) -> RenderConfig:
@@ -99,9 +107,16 @@ def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None 
     `cuda_devices`: what torch sees here, if already known; otherwise torch is asked."""
     if cuda_devices is None:
         cuda_devices = local_cuda_devices()
-    device = kw["device"] or ("cuda" if cuda_devices else "cpu")
+    config = _config(kw, device=kw["device"] or ("cuda" if cuda_devices else "cpu"))
+    validate(config, remote or cuda_devices > 0)
+    if not config.device.startswith("cuda"):
+        check_device(config.device)
+    return config
+
+
+def _config(kw: dict, device: str) -> RenderConfig:
     width, height = parse_size(kw["size"])
-    config = RenderConfig(
+    return RenderConfig(
         out_dir=kw["out_dir"], device=device, dtype=default_dtype(device, kw["dtype"]), attention=kw["attention"],
         compile=kw["compile_unet"], compile_mode=kw["compile_mode"], compile_vae=kw["compile_vae"],
         channels_last=kw["channels_last"], fuse_qkv=kw["fuse_qkv"], vae=kw["vae"], vae_model=kw["vae_model"],
@@ -111,7 +126,3 @@ def render_config_from(kw: dict, remote: bool = False, cuda_devices: int | None 
         steps=kw["steps"], guidance=kw["guidance"], width=width, height=height,
         images_per_prompt=kw["images_per_prompt"], seed=kw["seed"], scheduler=kw["scheduler"],
     )
-    validate(config, remote or cuda_devices > 0)
-    if not config.device.startswith("cuda"):
-        check_device(config.device)
-    return config

@@ -13,14 +13,21 @@ from sdxl_split.cli.common import notice
 from sdxl_split.cli.encode_cmd import encode_spec
 from sdxl_split.cli.options import (
     Encoding,
+    PromptInput,
     credits_option,
     encoding_options,
     faults_option,
     job_timeout_option,
     max_attempts_option,
+    prompt_text_option,
 )
 from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
-from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
+from sdxl_split.cli.render_options import (
+    check_image_options,
+    lora_serving_options,
+    render_config_from,
+    render_options,
+)
 from sdxl_split.cli.run_ray import RAY_ONLY, check_engine_options, ray_options, run_with_ray
 from sdxl_split.shared.errors import EXIT_BAD_INPUT, EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
@@ -32,7 +39,8 @@ ENCODER_ENTRY = "sdxl_split.encoder_service.service:child_main"
 
 
 @click.command("run")
-@click.argument("prompts", type=click.Path(path_type=Path))
+@click.argument("prompts", type=click.Path(path_type=Path), required=False)
+@prompt_text_option()
 @encoding_options
 @lora_serving_options
 @render_options
@@ -47,9 +55,12 @@ ENCODER_ENTRY = "sdxl_split.encoder_service.service:child_main"
 @faults_option()
 @ray_options
 @click.pass_context
-def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits: int, max_attempts: int,
+def run(ctx: click.Context, prompts: Path | None, prompt_texts: tuple[str, ...], engine: str, denoisers: int,
+        credits: int, max_attempts: int,
         job_timeout: float | None, faults, **kw) -> None:
     """Encode PROMPTS and render them, each side in its own process.
+
+    PROMPTS is a prompt file (as `encode` reads it; `-` for stdin), or give --prompt TEXT instead.
 
     The encoder runs on --encoder-device (cpu), the denoiser(s) on --device (cuda if present).
     Embeddings stream to the denoisers as they are made, so the first image starts while later
@@ -61,6 +72,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     cluster (--ray-address auto); a dead actor is restarted and its batch retried.
     """
     opts: GlobalOptions = ctx.obj
+    prompts = PromptInput(prompts, prompt_texts)
     check_engine_options(ctx, engine, denoisers)
     if engine == "ray":
         run_with_ray(opts, prompts, denoisers, faults, kw)
@@ -77,12 +89,14 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
     from sdxl_split.shared.threads import run_threads
 
     choice = Encoding.pop_from(kw)
+    check_image_options(kw)
     workdir = Path(tempfile.mkdtemp(prefix="sdxl-split-"))
     try:
         endpoint = f"ipc://{workdir}/link.ipc"
         # The whole prompt file and the model are checked before any process starts.
         encoding = encode_spec(opts, prompts, choice, batch_size=1, bind=endpoint, wait_s=ENCODER_WAIT_S,
-                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout, faults=faults)
+                               curve_dir=None, max_attempts=max_attempts, job_timeout=job_timeout, faults=faults,
+                               default_seed=kw["seed"])
         children = ChildGroup([ChildSpec(f"denoiser-{n}", DENOISER_ENTRY) for n in range(denoisers)],
                               ChildSpec("encoder", ENCODER_ENTRY), opts.verbosity, notice)
         with children:
@@ -94,7 +108,7 @@ def run(ctx: click.Context, prompts: Path, engine: str, denoisers: int, credits:
                                                             config.device == "cpu")
             encoding = dataclasses.replace(encoding,
                                            config=dataclasses.replace(encoding.config, threads=encoder_threads))
-            check_seeds(prompts, encoding.entries, config)
+            check_seeds(encoding.prompts_path, encoding.entries, config)
             serving = ServeSpec(denoiser=denoiser_spec(opts, config, choice, encoding.source,
                                                        metadata=kw["metadata"], lora_cache=kw["lora_cache"],
                                                        fuse_lora=kw["fuse_lora"], threads=denoiser_threads,

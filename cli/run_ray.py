@@ -13,6 +13,7 @@ from sdxl_split.cli.options import Encoding, apply_options
 from sdxl_split.cli.render_options import render_config_from
 from sdxl_split.shared.errors import EXIT_SOME_FAILED
 from sdxl_split.shared.settings import GlobalOptions
+from sdxl_split.shared.text import plural
 
 MAX_LISTED = 10
 MAX_LOCAL_DENOISERS = 16
@@ -50,7 +51,8 @@ def check_engine_options(ctx: click.Context, engine: str, denoisers: int) -> Non
         raise click.UsageError(f"{flags} only applies to --engine {other}")
 
 
-def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw: dict) -> None:
+def run_with_ray(opts: GlobalOptions, prompts, denoisers: int, faults, kw: dict) -> None:
+    """`prompts`: the command's PromptInput."""
     from sdxl_split.cli.render_cmd import check_seeds, denoiser_spec
     from sdxl_split.denoiser_service.work_plan import plan_jobs
     from sdxl_split.encoder_service.config import EncodeConfig
@@ -60,8 +62,8 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw:
     choice = Encoding.pop_from(kw)
     address = kw.pop("ray_address")
     config = render_config_from(kw, remote=address is not None)
-    prompt_file = read_prompts(opts, prompts, choice)
-    check_seeds(prompts, prompt_file.entries, config)
+    prompt_file = read_prompts(opts, prompts, choice, config.seed)
+    check_seeds(prompt_file.path, prompt_file.entries, config)
     import_ray()  # a missing extra is found before any model work
     on_gpu = config.device.startswith("cuda")
     options = RayOptions(address=address, encoders=kw["encoders"], encoder_cpus=kw["encoder_cpus"],
@@ -75,8 +77,8 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw:
                      denoiser.identity)
     for warning in plan.warnings():
         notice(warning)
-    notice(f"{plan.done_images} images already in {config.out_dir}; {plan.todo_images} to render "
-           f"({len(plan.todo)} jobs)")
+    notice(f"{plural(plan.done_images, 'image')} already in {config.out_dir}; {plan.todo_images} to render "
+           f"({plural(len(plan.todo), 'job')})")
     if not plan.todo:
         click.echo(f"nothing to render; images in {config.out_dir}")
         return
@@ -85,7 +87,7 @@ def run_with_ray(opts: GlobalOptions, prompts: Path, denoisers: int, faults, kw:
         config=EncodeConfig(device=check_device(choice.encoder_device, "--encoder-device"), dtype=choice.dtype,
                             clip_skip=choice.clip_skip, threads=math.ceil(options.encoder_cpus)))
     result = run_on_ray(plan, encoding, DenoiseStageSpec(denoiser=denoiser, probe=""), options, notice)
-    _report(result, config.out_dir, prompts)
+    _report(result, config.out_dir, prompt_file.path)
     if result.errors:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -100,7 +102,8 @@ def _report(result, out_dir: Path, prompts: Path) -> None:
     _print_memory(result.memory)
     click.echo(f"ray start-up: {result.startup_s:.1f} s")
     per_image = result.run_s / result.rendered if result.rendered else 0.0
-    click.echo(f"{result.rendered} images rendered, {result.existed} already there, {len(result.errors)} jobs failed "
+    click.echo(f"{plural(result.rendered, 'image')} rendered, {result.existed} already there, "
+               f"{plural(len(result.errors), 'job')} failed "
                f"in {result.run_s:.1f} s ({per_image:.2f} s/image after start-up)")
     click.echo(f"images in {out_dir}")
 

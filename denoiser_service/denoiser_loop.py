@@ -18,6 +18,7 @@ import zmq
 
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.handshakes import HandshakeMonitor, denoiser_side
 from sdxl_split.shared.security import make_curve_client
 from sdxl_split.shared.wakeup import Wakeup, watch_stop
 
@@ -64,6 +65,7 @@ class _LinkState:
     pending: deque[p.Job] = field(default_factory=deque)
     current: Future | None = None
     announced: bool = False  # READY sent on this connection
+    said_waiting: bool = False  # told the user it waits for an encoder
     finishing: bool = False  # BYE received or stop requested: finish the current job, then leave
     last_heard: float = 0.0
     next_beat: float = 0.0
@@ -77,12 +79,20 @@ class DenoiserLoop:
         self.socket: zmq.Socket | None = None
         self.stats = LinkStats()
         self._backoff = 1.0
+        self.monitor: HandshakeMonitor | None = None
+        self._said: set[str] = set()  # handshake failures already explained, across reconnects
 
     def _connect(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
         if self.socket is not None:
             self.socket.close(linger=200)  # lets a BYE ack out before we reconnect
         self.socket = self.context.socket(zmq.DEALER)
         p.configure_dealer(self.socket)
+        config = self.config
+        self.monitor = HandshakeMonitor(
+            self.socket, lambda event, value: denoiser_side(event, value, config.endpoint, config.curve_dir),
+            self.report, self._said)
         if self.config.curve_dir is not None:
             secrets = sorted(self.config.curve_dir.glob("*.key_secret"))
             if len(secrets) != 1:
@@ -128,6 +138,8 @@ class DenoiserLoop:
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
             wakeup.close()
+            if self.monitor is not None:
+                self.monitor.close()
             if self.socket is not None:
                 self.socket.close(linger=500)
             self.context.term()
@@ -146,6 +158,11 @@ class DenoiserLoop:
         if state.render is not None and not state.announced and not state.finishing:
             state.announced = self._send(self._ready())
             state.last_heard = time.monotonic()
+            if not state.announced and not state.said_waiting:
+                # IMMEDIATE: no encoder is there to take the READY yet. Said once, so a user knows where it looks.
+                self.report(f"waiting for an encoder at {self.config.endpoint} (start `sdxl-split encode` there, or "
+                            "pass --connect)")
+                state.said_waiting = True
         if now >= state.next_beat:
             self._send(p.Heartbeat())
             state.next_beat = now + hb
@@ -180,12 +197,16 @@ class DenoiserLoop:
     def _wait(self, state: _LinkState, wakeup: Wakeup) -> None:
         """Sleep until a message, a finished load or render, a stop request, or the next heartbeat."""
         assert self.socket is not None
+        assert self.monitor is not None
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(wakeup, zmq.POLLIN)
+        poller.register(self.monitor.socket, zmq.POLLIN)
         timeout_ms = max(0.0, state.next_beat - time.monotonic()) * 1000
         events = dict(poller.poll(timeout_ms))
         wakeup.clear()
+        if self.monitor.socket in events:
+            self.monitor.events()  # a failed handshake is explained, once
         if self.socket not in events:
             return
         while self.socket.poll(0, zmq.POLLIN):

@@ -48,8 +48,16 @@ class ImageMeta:
             f"Size: {c['width']}x{c['height']}, Model hash: {self.model_hash[:10]}, Model: {self.model}"
             + (f', Lora hashes: "{self.lora_hashes}"' if self.lora_hashes else "")
             + (f', TI hashes: "{self.ti_hashes}"' if self.ti_hashes else "")
+            + (f", Prompt syntax: {syntax}" if (syntax := self.prompt_syntax()) else "")
         )
         return "\n".join(lines)
+
+    def prompt_syntax(self) -> str | None:
+        """How the prompt was read, when it matters: any syntax but plain, and plain for a prompt with brackets,
+        which A1111 would weight and plain did not."""
+        syntax = self.config.get("prompt_syntax") or "plain"
+        texts = (self.prompt, self.negative_prompt or "")
+        return syntax if syntax != "plain" or any(c in text for text in texts for c in "([") else None
 
 
 def png_bytes(image: Image.Image, meta: ImageMeta) -> bytes:
@@ -130,6 +138,7 @@ class OutputDir:
         line = json.dumps({
             "image_id": meta.image_id, "job_id": meta.render_id, "file": filename, "sha256": digest,
             "index": meta.index, "seed": meta.seed, "prompt": meta.prompt, "negative_prompt": meta.negative_prompt,
+            "steps": meta.config.get("steps"), "width": meta.config.get("width"), "height": meta.config.get("height"),
             "embedding_key": meta.embedding_key, "time": time.time(),
         }, sort_keys=True, ensure_ascii=False)
         with self.manifest.open("a+b") as handle:

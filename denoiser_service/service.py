@@ -154,7 +154,7 @@ def serve(spec: ServeSpec, stop: threading.Event, notice: Notice,
         use_threads(spec.denoiser.threads)  # this is the render thread, where every job runs
         renderer.denoiser  # readiness means the model is loaded, not merely that we connected  # noqa: B018
         on_ready()
-        notice(f"denoiser ready; taking jobs from {spec.endpoint}")
+        notice(f"denoiser ready (model loaded); its jobs come from {spec.endpoint}")
         return reply_function(renderer, spec.denoiser)
 
     loop_config = DenoiserLoopConfig(
@@ -184,6 +184,6 @@ def child_main(hooks, spec_json: str) -> None:
 
     spec = specs.loads(ServeSpec, spec_json)
     stop = StopFlag()
-    install_stop_handlers(stop)
+    install_stop_handlers(stop, announce=False)  # `run` says it, once
     result = serve(spec, stop, notice=stderr_notice, on_ready=hooks.ready)
     hooks.result({"stats": result.stats, "memory": result.memory})

@@ -14,8 +14,10 @@ from sdxl_split.encoder_service.job_table import JobTable
 from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.handshakes import HandshakeMonitor, encoder_side
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.security import make_curve_server, start_authenticator
+from sdxl_split.shared.text import plural
 from sdxl_split.shared.wakeup import Wakeup
 
 log = logging.getLogger("sdxl_split.encoder")
@@ -53,13 +55,14 @@ class Dispatcher:
         # Set by other threads (a finished encode) and by a stop request, to end a poll at once.
         self.wakeup = Wakeup()
         # ZeroMQ drops a peer that breaks the protocol or sends a frame over MAXMSGSIZE without a word to us:
-        # its monitor is the only witness.
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # its monitor is the only witness. It also says why a handshake failed (CURVE keys that do not match).
+        self.monitor = HandshakeMonitor(self.socket, lambda event, value: encoder_side(event, value, config.curve_dir),
+                                        report)
         self._byes = 0  # BYEs whose disconnects are expected
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self.wakeup, zmq.POLLIN)
-        self._poller.register(self.monitor, zmq.POLLIN)
+        self._poller.register(self.monitor.socket, zmq.POLLIN)
         self._next_beat = 0.0
         self.last_peer_seen = 0.0
 
@@ -77,15 +80,12 @@ class Dispatcher:
         if self.socket in events:
             while self.socket.poll(0, zmq.POLLIN):
                 self._receive()
-        if self.monitor in events:
+        if self.monitor.socket in events:
             self._disconnects()
         self._housekeeping()
 
     def _disconnects(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while self.monitor.poll(0, zmq.POLLIN):
-            event = recv_monitor_message(self.monitor)
+        for event in self.monitor.events():
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             if self._byes:
@@ -102,7 +102,8 @@ class Dispatcher:
         for worker, limit in self.table.overdue(now):
             # Heartbeats come from its main loop, so a render thread stuck in a CUDA call or a deadlock looks
             # alive: only a deadline catches it. It is dropped, and told why.
-            why = (f"denoiser {worker.name} made no progress on its job(s) for {limit:.0f} s (--job-timeout); "
+            why = (f"denoiser {worker.name} made no progress on its {plural(len(worker.inflight), 'job')} for "
+                   f"{limit:.0f} s (--job-timeout); "
                    "disconnecting it")
             self.table.lose(worker.identity, why)
             self._send_to(worker.identity, p.Bye(why))
@@ -218,8 +219,7 @@ class Dispatcher:
                         waiting.pop(identity, None)
                 except p.ProtocolError:
                     pass
-        self.socket.disable_monitor()
-        self.monitor.close(linger=0)
+        self.monitor.close()
         self.socket.close(linger=500)
         self.wakeup.close()
         if self._auth is not None:

@@ -27,6 +27,7 @@ from sdxl_split.encoder_service.model_thread import (
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.jobs import job_id_for
 from sdxl_split.shared.prompts import PromptEntry
+from sdxl_split.shared.text import plural
 
 DRAIN_TIMEOUT_S = 300.0
 
@@ -132,7 +133,7 @@ class EncoderLoop:
         dispatcher, table = self.dispatcher, self.dispatcher.table
         table.draining = True
         if table.in_flight:
-            dispatcher.report(f"waiting for {table.in_flight} image batch(es) in flight; Ctrl-C again to stop now")
+            dispatcher.report(f"waiting for {plural(table.in_flight, 'image batch', 'image batches')} in flight")
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while table.in_flight and table.workers and time.monotonic() < deadline:
             dispatcher.pump(dispatcher.config.heartbeat_s)

@@ -13,10 +13,12 @@ from sdxl_split.shared.digests import intact
 EVENTS = ("queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
 
 
-def journal_path(cache_dir: Path, prompts: Path, settings_key: str) -> Path:
-    """One journal per (prompt file, encoding settings), so re-running the same command finds it."""
-    run = hashlib.sha256(f"{prompts.resolve()}\0{settings_key}".encode()).hexdigest()[:16]
-    return cache_dir / "runs" / f"{prompts.stem}-{run}.jsonl"
+def journal_path(cache_dir: Path, name: str, identity: str, settings_key: str) -> Path:
+    """One journal per (prompts, encoding settings), so re-running the same command finds it. `identity`: a prompt
+    file's absolute path, or a hash of prompts given on stdin or with --prompt (shared.prompts.PromptFile)."""
+    run = hashlib.sha256(f"{identity}\0{settings_key}".encode()).hexdigest()[:16]
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "prompts"
+    return cache_dir / "runs" / f"{stem}-{run}.jsonl"
 
 
 class Journal:

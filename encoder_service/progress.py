@@ -7,6 +7,8 @@ import sys
 
 from tqdm import tqdm
 
+from sdxl_split.shared.text import plural
+
 
 class EncodeProgress:
     def __init__(self, prompts: int, disable: bool = False) -> None:
@@ -31,7 +33,7 @@ class EncodeProgress:
             self.jobs.refresh()
         elif name == "done":
             self.images += len(fields.get("images") or [])
-            self.jobs.set_postfix_str(f"{self.images} images", refresh=False)
+            self.jobs.set_postfix_str(plural(self.images, "image"), refresh=False)
             self.jobs.update(1)
         elif name == "requeued":
             self.notice(f"re-queued job {job_id[:12]} (attempt {fields.get('attempt')}): {fields.get('reason')}")

@@ -102,7 +102,7 @@ def child_main(hooks, spec_json: str) -> None:
 
     spec = specs.loads(EncodeSpec, spec_json)
     stop = StopFlag()
-    install_stop_handlers(stop)
+    install_stop_handlers(stop, announce=False)  # `run` says it, once
     # `run` shares this terminal: the encoder, which hears every DONE, shows the run's progress.
     with EncodeProgress(len(spec.entries)) as progress:
         hooks.result(run_encoder(spec, stop, notice=progress.notice, on_progress=progress.encoded,

@@ -22,6 +22,8 @@ class EncodeSpec:
     resolved once, there."""
 
     prompts_path: Path
+    # A prompt file's absolute path, or a hash of prompts from stdin or --prompt: what names its journal.
+    prompts_identity: str
     entries: tuple[PromptEntry, ...]
     skipped_lines: int
     source: ModelSource
@@ -36,4 +38,5 @@ class EncodeSpec:
 
     @property
     def journal_path(self) -> Path:
-        return journal_path(self.cache_dir, self.prompts_path, json.dumps(asdict(self.settings), sort_keys=True))
+        return journal_path(self.cache_dir, self.prompts_path.stem, self.prompts_identity,
+                            json.dumps(asdict(self.settings), sort_keys=True))

@@ -21,15 +21,23 @@ from sdxl_split.shared.errors import UserError, first_line, os_error_line
 _PR_SET_PDEATHSIG = 1
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """First SIGINT/SIGTERM asks for a drain (finish in-flight work, journal, exit); a second one aborts."""
+def stopping_line(signum: int) -> str:
+    """What a process that starts to drain says, once: Ctrl-C may be pressed again; a SIGTERM's sender is no user
+    at a keyboard."""
+    again = "; Ctrl-C again to stop now" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+    return f"stopping: images in flight finish, nothing new starts{again}; re-run the same command to finish"
+
+
+def install_stop_handlers(stop: threading.Event, announce: bool = True) -> None:
+    """First SIGINT/SIGTERM asks for a drain (finish in-flight work, journal, exit); a second one aborts.
+    `announce`: say so (the process the user started); `run`'s children leave that to `run`."""
 
     def handle(signum: int, frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(f"{signal.Signals(signum).name}: finishing in-flight work; press Ctrl-C again to abort",
-              file=sys.stderr, flush=True)
+        if announce:
+            print(stopping_line(signum), file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers (a service run from a worker thread, e.g. a Ray actor)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.loras import plain_name_problem
+from sdxl_split.shared.text import plural
 
 JSONL_FIELDS = {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "count", "id", "syntax",
                 "loras"}
@@ -20,6 +23,19 @@ MAX_COUNT = 64
 MAX_SEED = 2**63 - 1
 # Far past CLIP's 77 tokens; the bound keeps one line of a prompt file from becoming megabytes on the wire.
 MAX_TEXT_CHARS = 16 * 1024
+
+
+# A seed of -1 asks for a random one, as in A1111, which draws below this bound.
+RANDOM_SEED = -1
+_RANDOM_SEEDS_BELOW = 4294967294
+
+
+def with_random_seeds(entries: tuple[PromptEntry, ...], default_seed: int = 0) -> tuple[PromptEntry, ...]:
+    """Entries whose seed is -1 (or unset, under a default of -1) get a random seed each, drawn once, here: the
+    encoder, the denoisers, the PNG and the manifest then all know the same seed."""
+    draw = random.SystemRandom()
+    return tuple(replace(e, seed=draw.randrange(_RANDOM_SEEDS_BELOW))
+                 if e.seed == RANDOM_SEED or (e.seed is None and default_seed == RANDOM_SEED) else e for e in entries)
 
 
 def seed_range_problem(seed: int, count: int) -> str | None:
@@ -52,11 +68,15 @@ class PromptEntry:
 
 @dataclass(frozen=True)
 class PromptFile:
+    # What errors and summaries call it: the file, `<stdin>` or `--prompt`.
     path: Path
     entries: tuple[PromptEntry, ...]
     skipped_lines: int
     # Things worth a word that are not errors (a .txt file whose lines look like JSONL, say).
     warnings: tuple[str, ...] = ()
+    # What a re-run of the same command recognises it by: the file's absolute path, or a hash of prompts given on
+    # stdin or with --prompt.
+    identity: str = ""
 
 
 def _fail(path: Path, line: int, message: str) -> UserError:
@@ -89,7 +109,7 @@ def _jsonl_entry(path: Path, number: int, text: str) -> PromptEntry:
             raise _fail(path, number, f"{name!r} must be a string")
     if obj.get("syntax") is not None and obj["syntax"] not in SYNTAXES:
         raise _fail(path, number, f"'syntax' {obj['syntax']!r} is not one of {', '.join(SYNTAXES)}")
-    for name, low, high in (("seed", 0, MAX_SEED), ("count", 1, MAX_COUNT)):
+    for name, low, high in (("seed", RANDOM_SEED, MAX_SEED), ("count", 1, MAX_COUNT)):
         value = obj.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
             raise _fail(path, number, f"{name!r} must be an integer from {low} to {high}")
@@ -136,16 +156,55 @@ def _check_texts(path: Path, entry: PromptEntry) -> None:
                         "write the character itself") from None
 
 
-def parse_prompt_file(path: Path, default_negative: str | None = None) -> PromptFile:
-    """Parse and validate the whole file; raise UserError naming file:line on the first problem."""
+STDIN = Path("<stdin>")
+
+
+def parse_prompt_file(path: Path, default_negative: str | None = None, raw: bytes | None = None) -> PromptFile:
+    """Parse and validate the whole file (or `raw`, the bytes read from stdin); raise UserError naming file:line on
+    the first problem."""
+    if raw is None:
+        raw = _read(path)
+        identity = str(path.resolve())
+    else:
+        identity = "sha256:" + hashlib.sha256(raw).hexdigest()
+    entries, skipped, warnings = _parse_lines(path, raw)
+    return PromptFile(path=path, entries=_with_default_negative(entries, default_negative), skipped_lines=skipped,
+                      warnings=warnings, identity=identity)
+
+
+def prompts_from_texts(texts: tuple[str, ...], default_negative: str | None = None) -> PromptFile:
+    """`--prompt TEXT`, repeated: each one a prompt, numbered as lines are."""
+    path = Path("--prompt")
+    entries = []
+    for number, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise _fail(path, number, "a prompt must not be empty")
+        entry = PromptEntry(line=number, prompt=text.strip())
+        _check_texts(path, entry)
+        entries.append(entry)
+    identity = "sha256:" + hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    return PromptFile(path=path, entries=_with_default_negative(entries, default_negative), skipped_lines=0,
+                      identity=identity)
+
+
+def _with_default_negative(entries: list[PromptEntry], negative: str | None) -> tuple[PromptEntry, ...]:
+    if negative is None:
+        return tuple(entries)
+    return tuple(e if e.negative_prompt is not None else replace(e, negative_prompt=negative) for e in entries)
+
+
+def _read(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: no such prompt file") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a folder; pass a prompt file (one prompt per line, or JSONL)") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _parse_lines(path: Path, raw: bytes) -> tuple[list[PromptEntry], int, tuple[str, ...]]:
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
@@ -180,15 +239,12 @@ def parse_prompt_file(path: Path, default_negative: str | None = None) -> Prompt
         if entry.id is not None and first_use.setdefault(entry.id, entry.line) != entry.line:
             raise _fail(path, entry.line, f"id {entry.id!r} is already used on line {first_use[entry.id]}; "
                         "ids must be unique")
-    if default_negative is not None:
-        entries = [e if e.negative_prompt is not None else replace(e, negative_prompt=default_negative)
-                   for e in entries]
     warnings = ()
     if looks_jsonl:
-        warnings = (f"{path}:{looks_jsonl[0]}: {len(looks_jsonl)} line(s) look like JSONL records, but a "
+        warnings = (f"{path}:{looks_jsonl[0]}: {plural(len(looks_jsonl), 'line')} look like JSONL records, but a "
                     f"{path.suffix or 'suffix-less'} file is read as plain text (the suffix decides: .jsonl for "
                     "JSONL); each line is encoded as literal prompt text",)
-    return PromptFile(path=path, entries=tuple(entries), skipped_lines=skipped, warnings=warnings)
+    return entries, skipped, warnings
 
 
 def _looks_like_record(line: str) -> bool:

@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdxl_split.shared.processes import Child, spawn_child, wait_for_exit, wait_until
+from sdxl_split.shared.processes import Child, spawn_child, stopping_line, wait_for_exit, wait_until
 
 # A child's hello comes after its torch import: seconds, or minutes the first time on a cold, slow disk.
 HELLO_TIMEOUT_S = 600.0
@@ -82,7 +82,7 @@ class ChildGroup:
             if interrupted:
                 raise KeyboardInterrupt  # the second one: __exit__ stops every child now
             interrupted = True
-            self._notice("stopping: children finish in-flight images; Ctrl-C again to abort")
+            self._notice(stopping_line(signum))
             _terminate(started)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}

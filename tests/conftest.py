@@ -84,7 +84,7 @@ _IN_PROCESS = threading.Lock()
 
 
 def invoke_cli(*args: str, cache: Path, cwd: Path | None = None, env: dict | None = None,
-               timeout: float | None = None) -> subprocess.CompletedProcess:
+               timeout: float | None = None, stdin: bytes = b"") -> subprocess.CompletedProcess:
     """Run `sdxl-split` in this process: what run_cli does, without paying for a fresh interpreter. Output,
     environment, working folder, signal handlers and torch's thread counts are put back afterwards; calls
     from several threads take turns."""
@@ -97,6 +97,7 @@ def invoke_cli(*args: str, cache: Path, cwd: Path | None = None, env: dict | Non
         saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         saved_threads = torch.get_num_threads()
         out, err = io.StringIO(), io.StringIO()
+        saved_stdin, sys.stdin = sys.stdin, io.TextIOWrapper(io.BytesIO(stdin))
         os.environ.update({**cli_env(cache), **(env or {})})
         if cwd is not None:
             os.chdir(cwd)
@@ -108,6 +109,7 @@ def invoke_cli(*args: str, cache: Path, cwd: Path | None = None, env: dict | Non
                 except SystemExit as done:
                     code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         finally:
+            sys.stdin = saved_stdin
             os.environ.clear()
             os.environ.update(saved_env)
             os.chdir(saved_cwd)

@@ -61,7 +61,7 @@ def test_a_txt_file_of_jsonl_records_is_read_as_text_with_a_warning(tmp_path: Pa
     prompts.write_text('{"prompt": "a cat", "seed": 3}\nplain prompt\n{"prompt": "b"}\n')
     parsed = parse_prompt_file(prompts)
     assert parsed.entries[0].prompt == '{"prompt": "a cat", "seed": 3}'
-    assert len(parsed.warnings) == 1 and "p.txt:1: 2 line(s) look like JSONL" in parsed.warnings[0]
+    assert len(parsed.warnings) == 1 and "p.txt:1: 2 lines look like JSONL" in parsed.warnings[0]
     assert ".jsonl" in parsed.warnings[0]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke_cli
 from encoder_kit import (
     ENTRIES,
     N,
@@ -27,7 +27,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdxl_split.cli.cache_cmd import Duration, DurationError
-from sdxl_split.cli.main import cli as cli_group
 from sdxl_split.shared.embeddings import TENSOR_NAMES
 from sdxl_split.shared.encoding_settings import embedding_key
 
@@ -96,11 +95,12 @@ def test_cache_ls_and_verify_on_a_good_cache(base: dict) -> None:
     keys = {embedding_key(entry.texts(), settings): entry for entry in ENTRIES}
     listed = cache_cli(base["cache"], "ls")
     assert listed.exit_code == 0
-    lines = listed.stdout.splitlines()
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == ["KEY", "DTYPE", "CLIP", "SKIP", "TEXT", "SIZE", "AGE", "PROMPT"]
     assert len(lines) == N
     for key, entry in keys.items():
         line = next(line for line in lines if line.startswith(key[:12]))
-        assert " fp32 " in line and "clip_skip=-" in line and " BAD " not in line
+        assert line.split()[1:3] == ["fp32", "-"] and " BAD " not in line
         assert ("truncated" in line) == (entry.line == 5)
         assert json.dumps(entry.prompt[:20])[:-1] in line
         assert (f'negative="{entry.negative_prompt}"' in line) == (entry.negative_prompt is not None)
@@ -123,7 +123,7 @@ def test_cache_gc_removes_by_age(base: dict, tmp_path: Path) -> None:
     dry = cache_cli(cache, "gc", "--older-than", "0s", "--dry-run")
     assert f"would free {N} files" in dry.output and all(f.exists() for f in files)
     one = cache_cli(cache, "gc", "--older-than", "1d")
-    assert "freed 1 files" in one.output and f"({old_bytes} bytes)" in one.output
+    assert "freed 1 file," in one.output and f"({old_bytes} bytes)" in one.output
     assert not old.exists() and all(f.exists() for f in files[1:])
     rest_bytes = sum(f.stat().st_size for f in files[1:])
     rest = cache_cli(cache, "gc", "--older-than", "0s")
@@ -141,7 +141,7 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_duration_is_one_line(text: str, tmp_path: Path) -> None:
     with pytest.raises(DurationError):
         Duration().convert(text, None, None)
-    result = CliRunner().invoke(cli_group, ["--cache-dir", str(tmp_path), "cache", "gc", "--older-than", text])
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"Error: --older-than {text!r} is not a duration; use a number "
+    result = invoke_cli("cache", "gc", "--older-than", text, cache=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --older-than {text!r} is not a duration; use a number "
                                                   "and a unit: 30d, 12h, 45m, 3600s or 2w"]

@@ -38,6 +38,8 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
     if first == "denoiser":
         denoiser = link.denoiser(out)
         link.wait_ready("denoiser")
+        # Alone, it says once where it is looking for an encoder.
+        wait_for(lambda: f"waiting for an encoder at {link.endpoint}" in link.log("denoiser"))
         encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.4")
     else:
         # The denoiser starts after the first prompt is queued and must load while the other eleven encode.
@@ -52,6 +54,7 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
     first_done = min(r["t"] for r in records if r["event"] == "done")
     last_queued = max(r["t"] for r in records if r["event"] == "queued")
     assert first_done < last_queued, "the first image must exist before the last prompt is encoded"
+    assert link.log("denoiser").count("waiting for an encoder") <= 1
 
 
 def test_two_denoisers_share_the_work_by_speed(link: Link, cache_dir: Path, tmp_path: Path) -> None:
@@ -289,3 +292,31 @@ def test_rerun_with_other_render_settings_renders_anew(link: Link, cache_dir: Pa
     other = encoder_summary(link, link.encoder(prompts, name="third"), name="third")
     assert other["done"] == 2 and other["already_done"] == 0
     assert len(list(out.glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("case", ["unknown-key", "wrong-server-key"])
+def test_a_curve_key_mismatch_is_named_once_on_each_side(link: Link, cache_dir: Path, tmp_path: Path,
+                                                         case: str) -> None:
+    """Keys that do not match: ZeroMQ retries quietly forever, so each side says why, once, instead of "closed
+    without a BYE" again and again."""
+    import shutil
+
+    from sdxl_split.shared.security import create_keys
+
+    ours, theirs = create_keys(tmp_path / "ours", ["gpu1"]), create_keys(tmp_path / "theirs", ["gpu1"])
+    keys = theirs.clients["gpu1"].directory
+    if case == "unknown-key":  # the right server key, but a client key the encoder never allowed
+        shutil.copy(ours.server_public, keys / "server.key")
+    said = {"unknown-key": ("refused a denoiser: its CURVE key is not in", "refused this box's CURVE key"),
+            "wrong-server-key": ("its server.key is not this encoder's", "server.key is not that encoder's key")}
+    encoder_says, denoiser_says = said[case]
+    encoder = link.encoder(prompts_file(tmp_path, 2), "--curve", str(ours.encoder_dir), "--wait", "6")
+    wait_for(link.bound)
+    stranger = link.denoiser(tmp_path / "out", "--curve", str(keys), name="stranger")
+    wait_for(lambda: denoiser_says in link.log("stranger"))
+    assert encoder.wait(timeout=hang_bound(120)) == 0
+    encoder_log, denoiser_log = link.log("encoder"), link.log("stranger")
+    assert encoder_log.count(encoder_says) == 1, encoder_log
+    assert "closed without a BYE" not in encoder_log
+    assert denoiser_log.count(denoiser_says) == 1, denoiser_log
+    stranger.kill()
