@@ -88,7 +88,7 @@ def _rejection(path: Path) -> str:
         ("seedstr.jsonl", '{"prompt": "a", "seed": "7"}\n', 1, "'seed' must be an integer"),
         ("seedbool.jsonl", '{"prompt": "a", "seed": true}\n', 1, "'seed' must be an integer"),
         ("seedfloat.jsonl", '{"prompt": "a", "seed": 1.5}\n', 1, "'seed' must be an integer"),
-        ("seedneg.jsonl", '{"prompt": "a", "seed": -1}\n', 1, "'seed' must be an integer"),
+        ("seedneg.jsonl", '{"prompt": "a", "seed": -2}\n', 1, "'seed' must be an integer from -1"),
         ("countbool.jsonl", '{"prompt": "a", "count": false}\n', 1, "'count' must be an integer"),
         ("countzero.jsonl", '{"prompt": "a", "count": 0}\n', 1, "'count' must be an integer"),
         ("counthuge.jsonl", '{"prompt": "a", "count": 65}\n', 1, "'count' must be an integer"),
