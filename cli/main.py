@@ -50,6 +50,7 @@ COMMANDS = {
     "prompt": "sdxl_split.cli.prompt_cmd:prompt",
     "render": "sdxl_split.cli.render_cmd:render",
     "run": "sdxl_split.cli.run_cmd:run",
+    "serve": "sdxl_split.cli.serve_cmd:serve",
 }
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
+from sdxl_split.shared.image_settings import (  # noqa: F401  (SCHEDULERS and the bounds: the CLI's, too)
+    MAX_BATCH_PIXELS,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    SCHEDULERS,
+    batch_problem,
+    guidance_problem,
+    scheduler_problem,
+    side_problem,
+    steps_problem,
+)
 from sdxl_split.shared.prompts import seed_range_problem
 
 ATTENTION = ("sdpa", "default")
@@ -15,22 +25,8 @@ VAE_KINDS = ("full", "tiny")
 OFFLOAD = ("none", "model", "sequential", "group")
 QUANTIZE = ("none", "int8", "fp8")
 FP8_NEEDS_GPU = "--quantize fp8 needs a CUDA GPU with fp8 tensor cores (Ada or Hopper); on the CPU use --quantize int8"
-# CLI name -> (diffusers scheduler class, extra config, A1111 sampler name for PNG metadata).
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
 DEFAULT_TAESDXL = "madebyollin/taesdxl"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Bounds checked before anything loads. SDXL renders up to 4096 px a side (VAE tiling keeps such decodes in
-# memory); one job's batch is capped at 4 images of 2048^2, beyond which a GPU of today runs out of memory.
-MAX_SIDE = 4096
-MAX_BATCH_PIXELS = 4 * 2048 * 2048
-MAX_GUIDANCE = 100.0
 # --offload group's largest group of UNet weights. SDXL's UNet then uploads one transformer block (66 MiB in fp16)
 # or one ResNet block (up to 94 MiB) at a time: ~100 groups instead of ~790 layers, with at most ~200 MiB of
 # weights on the GPU at once (the group computing and the next one uploading).
@@ -110,27 +106,16 @@ def validate(config: RenderConfig, cuda_available: bool) -> None:
 
 
 def check_image(config: RenderConfig) -> None:
-    """The settings of the images themselves: size, batch, seeds, guidance, steps, scheduler."""
-    for value, name in ((config.width, "width"), (config.height, "height")):
-        if value < 8 or value % 8:
-            raise UserError(f"image {name} {value} must be a positive multiple of 8 (the VAE works in 8x8 blocks)")
-        if value > MAX_SIDE:
-            raise UserError(f"image {name} {value} is over {MAX_SIDE} pixels; SDXL is trained at 1024, use --size "
-                            "1024x1024 or upscale afterwards")
-    pixels = config.width * config.height * config.images_per_prompt
-    if pixels > MAX_BATCH_PIXELS:
-        raise UserError(f"{config.images_per_prompt} images of {config.width}x{config.height} in one batch are "
-                        f"{pixels / 1e6:.0f} M pixels, over the {MAX_BATCH_PIXELS / 1e6:.0f} M a job may hold; "
-                        "lower --images-per-prompt or --size")
-    if problem := seed_range_problem(config.seed, config.images_per_prompt):
-        raise UserError(f"--seed: {problem}; use a smaller seed")
-    if not math.isfinite(config.guidance) or not 0 <= config.guidance <= MAX_GUIDANCE:
-        raise UserError(f"--guidance {config.guidance} must be from 0 to {MAX_GUIDANCE:g} (1 turns guidance off; "
-                        "SDXL is usually run at 5 to 8)")
-    if config.steps < 1 or config.images_per_prompt < 1:
-        raise UserError("--steps and --images-per-prompt must be at least 1")
-    if config.scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+    """The settings of the images themselves: size, batch, seeds, guidance, steps, scheduler (the bounds every
+    source of them shares: shared.image_settings)."""
+    if config.images_per_prompt < 1:
+        raise UserError("--images-per-prompt must be at least 1")
+    problems = (side_problem(config.width, "width"), side_problem(config.height, "height"),
+                batch_problem(config.width, config.height, config.images_per_prompt),
+                seed_range_problem(config.seed, config.images_per_prompt), guidance_problem(config.guidance),
+                steps_problem(config.steps), scheduler_problem(config.scheduler))
+    if problem := next((problem for problem in problems if problem), None):
+        raise UserError(problem)
 
 
 def _check_placement(config: RenderConfig, cuda_available: bool) -> None:

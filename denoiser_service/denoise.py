@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from sdxl_split.denoiser_service.config import RenderConfig
+from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.memory import MemoryMeter
@@ -34,6 +35,28 @@ def unet_widths(unet: torch.nn.Module) -> tuple[int, int]:
     cfg = unet.config
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     return int(cfg.cross_attention_dim), int(pooled)
+
+
+def use_scheduler(pipe: StableDiffusionXLPipeline, name: str) -> None:
+    """Use a scheduler by its CLI name (a job may ask for another than the last one), configured from the model's
+    own scheduler config; the model's own scheduler stays as it loaded when it is the one asked for."""
+    import diffusers
+
+    if getattr(pipe, "_sdxl_split_scheduler", None) == name:
+        return
+    class_name, overrides, _ = SCHEDULERS[name]
+    base = getattr(pipe, "_sdxl_split_base_scheduler", None)
+    if base is None:
+        base = pipe._sdxl_split_base_scheduler = pipe.scheduler.config
+        if type(pipe.scheduler).__name__ == class_name and not overrides:
+            pipe._sdxl_split_scheduler = name
+            return
+    pipe.scheduler = getattr(diffusers, class_name).from_config(base, **overrides)
+    pipe._sdxl_split_scheduler = name
+
+
+# Called after each denoising step with (steps done, steps in all, the latents); raising stops the render.
+OnStep = Callable[[int, int, torch.Tensor], None]
 
 
 def generators(seed: int, count: int) -> list[torch.Generator]:
@@ -62,10 +85,11 @@ class Denoiser:
 
     @torch.inference_mode()
     def render(self, record: Embeddings, seed: int, count: int, loras: tuple = (),
-               config: RenderConfig | None = None) -> Decoded:
-        """`config` overrides the denoiser's own for this call (its size, steps, guidance)."""
+               config: RenderConfig | None = None, on_step: OnStep | None = None) -> Decoded:
+        """`config` overrides the denoiser's own for this call (a job's size, steps, guidance, scheduler)."""
         config = config or self.config
         self.check(record)
+        use_scheduler(self.pipe, config.scheduler)
         if self.loras is not None:
             self.loras.apply(loras)
         elif loras:
@@ -84,6 +108,7 @@ class Denoiser:
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
                 output_type="latent",
+                **({"callback_on_step_end": _step_callback(on_step, config.steps)} if on_step else {}),
             ).images
         if not torch.isfinite(latents).all():
             # Said here, at the stage that failed: a VAE given NaN latents would be blamed for them.
@@ -134,6 +159,16 @@ class Denoiser:
         images = self.pipe.image_processor.postprocess(image, output_type="pil")
         self.pipe.maybe_free_model_hooks()
         return Decoded(images=images, retried_fp32=retried)
+
+
+def _step_callback(on_step: OnStep, steps: int):
+    """diffusers' callback_on_step_end, calling `on_step` with 1-based steps; an exception raised in it ends the
+    denoising loop there."""
+    def after_step(pipe, step: int, timestep, tensors: dict) -> dict:
+        on_step(step + 1, steps, tensors["latents"])
+        return tensors
+
+    return after_step
 
 
 def _execution_device(module: torch.nn.Module) -> torch.device:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from sdxl_split.denoiser_service.job_control import JobControl
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.handshakes import HandshakeMonitor, denoiser_side
@@ -44,7 +46,7 @@ class DenoiserLoopConfig:
 
 
 # Renders one JOB; returns the DONE or ERROR to send back. Runs on the render thread.
-RenderFn = Callable[[p.Job], "p.Done | p.Error"]
+RenderFn = Callable[[p.Job, JobControl], "p.Done | p.Error"]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class _LinkState:
     # JOBs received and not yet started; the render thread runs one at a time.
     pending: deque[p.Job] = field(default_factory=deque)
     current: Future | None = None
+    # The running job's control: its steps go out through this loop, and a CANCEL reaches it here.
+    control: JobControl | None = None
     announced: bool = False  # READY sent on this connection
     said_waiting: bool = False  # told the user it waits for an encoder
     finishing: bool = False  # BYE received or stop requested: finish the current job, then leave
@@ -80,6 +84,9 @@ class DenoiserLoop:
         self.stats = LinkStats()
         self._backoff = 1.0
         self.monitor: HandshakeMonitor | None = None
+        # Messages the render thread posts (a job's steps and previews); this loop, which owns the socket, sends them.
+        self._outbox: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
+        self._wakeup: Wakeup | None = None
         self._said: set[str] = set()  # handshake failures already explained, across reconnects
 
     def _connect(self) -> None:
@@ -123,7 +130,7 @@ class DenoiserLoop:
         # Connect first: a bad endpoint or key file fails now, not after minutes of loading weights.
         self._connect()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
-        wakeup = Wakeup()
+        wakeup = self._wakeup = Wakeup()
         watch_stop(stop, wakeup)
         # Load on the render thread so heartbeats keep flowing while multi-GB weights load.
         state = _LinkState(loading=executor.submit(load))
@@ -169,21 +176,51 @@ class DenoiserLoop:
         if state.announced and now - state.last_heard > hb * self.config.liveness:
             self._reconnect(state)
             return
+        self._send_posted()
         if state.current is not None and state.current.done():
             reply = state.current.result()
+            if state.control is not None and state.control.cancelled.is_set():
+                step, steps = state.control.last_step
+                self.report(f"stopped job {reply.job_id[:12]} at step {step} of {steps}: cancelled by the encoder")
             self._send(reply)
             if isinstance(reply, p.Done):
                 self.stats.jobs_done += 1
             else:
                 self.stats.jobs_failed += 1
-            state.current = None
+            state.current, state.control = None, None
         if stop.is_set() and not state.finishing:
             # Drain: the job on the GPU finishes and is reported; queued ones go back via BYE.
             state.finishing = True
             state.pending.clear()
         if state.current is None and state.pending and state.render is not None and not state.finishing:
-            state.current = executor.submit(self._render_one, state.render, state.pending.popleft())
+            job = state.pending.popleft()
+            state.control = JobControl(job, self._post)
+            state.current = executor.submit(self._render_one, state.render, job, state.control)
             state.current.add_done_callback(lambda _: wakeup.set())
+
+    def _post(self, message: p.Message) -> None:
+        """From the render thread: send this when the loop next turns (now: it is woken)."""
+        self._outbox.put(message)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _send_posted(self) -> None:
+        while True:
+            try:
+                self._send(self._outbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _cancel(self, state: _LinkState, cancel: p.Cancel) -> None:
+        """Stop a job the encoder no longer wants: one still waiting is answered at once; the running one stops at
+        its next step and is answered when it does."""
+        for job in list(state.pending):
+            if (job.job_id, job.attempt) == (cancel.job_id, cancel.attempt):
+                state.pending.remove(job)
+                self._send(p.Error(job_id=job.job_id, attempt=job.attempt, reason=p.reason_text(cancel.reason)))
+        control = state.control
+        if control is not None and (control.job.job_id, control.job.attempt) == (cancel.job_id, cancel.attempt):
+            control.cancelled.set()
 
     def _reconnect(self, state: _LinkState) -> None:
         self.stats.reconnects += 1
@@ -218,6 +255,8 @@ class DenoiserLoop:
             if isinstance(message, p.Job):
                 if not state.finishing:  # else the encoder re-queues it when our BYE arrives
                     state.pending.append(message)
+            elif isinstance(message, p.Cancel):
+                self._cancel(state, message)
             elif isinstance(message, (p.Bye, p.Dead)):
                 self._send(p.Bye("acknowledged"))  # the encoder waits for this before closing
                 state.pending.clear()
@@ -243,9 +282,9 @@ class DenoiserLoop:
             return None
 
     @staticmethod
-    def _render_one(render: RenderFn, job: p.Job) -> p.Done | p.Error:
+    def _render_one(render: RenderFn, job: p.Job, control: JobControl) -> p.Done | p.Error:
         try:
-            return render(job)
+            return render(job, control)
         except Exception as err:  # one job's failure (e.g. CUDA OOM) is reported, and the next job runs
             reason = p.reason_text(f"{type(err).__name__}: {err}")
             return p.Error(job_id=job.job_id, attempt=job.attempt, reason=reason)

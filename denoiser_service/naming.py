@@ -47,6 +47,8 @@ class ImageBatch:
     metas: tuple[ImageMeta, ...]
     filenames: tuple[str, ...]
     loras: tuple[LoraUse, ...] = ()
+    # The settings it renders with: the denoiser's own, with what the job chose for itself.
+    config: RenderConfig | None = None
 
 
 def image_batch(entry: PromptEntry, record: Embeddings, config: RenderConfig, model: ModelIdentity,
@@ -63,7 +65,7 @@ def image_batch(entry: PromptEntry, record: Embeddings, config: RenderConfig, mo
         model=model.name, model_hash=model.hash or model.fingerprint.split(":")[-1], model_source=model.source,
         config=settings, lora_hashes=_lora_hashes((*record.settings.loras, *loras)),
         ti_hashes=_hashes(record.settings.inversions)) for index in range(count))
-    return ImageBatch(render, entry, record, seed, count, metas, names, tuple(loras))
+    return ImageBatch(render, entry, record, seed, count, metas, names, tuple(loras), config)
 
 
 def batch_files(key: str, entry: PromptEntry, config: RenderConfig, model: ModelIdentity,

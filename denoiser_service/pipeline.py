@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
-from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, SCHEDULERS, RenderConfig
-from sdxl_split.denoiser_service.denoise import Denoiser, needs_fp32_decode
+from sdxl_split.denoiser_service.config import DEFAULT_TAESDXL, RenderConfig
+from sdxl_split.denoiser_service.denoise import Denoiser, needs_fp32_decode, use_scheduler  # noqa: F401
 from sdxl_split.denoiser_service.fused_projections import fuse_projections
 from sdxl_split.denoiser_service.lora_bank import LoraBank
 from sdxl_split.denoiser_service.offload_groups import apply_sized_group_offload
@@ -58,13 +57,6 @@ def configure_tiling(vae: torch.nn.Module, tile_px: int) -> None:
     vae.tile_sample_min_size = tile_px
     scale = getattr(vae, "spatial_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
     vae.tile_latent_min_size = tile_px // scale
-
-
-def use_scheduler(pipe: StableDiffusionXLPipeline, name: str) -> None:
-    """Swap in the --scheduler's class, configured from the model's own scheduler config."""
-    class_name, overrides, _ = SCHEDULERS[name]
-    if type(pipe.scheduler).__name__ != class_name or overrides:
-        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
 def load_weights(source: ModelSource, config: RenderConfig) -> StableDiffusionXLPipeline:

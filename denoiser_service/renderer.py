@@ -13,7 +13,7 @@ from sdxl_split.denoiser_service.outputs import OutputDir, WrittenImage
 from sdxl_split.shared.errors import JobError
 
 if TYPE_CHECKING:  # torch: loaded only once something needs rendering
-    from sdxl_split.denoiser_service.denoise import Denoiser
+    from sdxl_split.denoiser_service.denoise import Denoiser, OnStep
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Renderer:
         self._denoiser: Denoiser | None = None
         self.out = out
         self.stats = RenderStats()
+        # The preview decoder (denoiser_service.previews), made by the first job that asks for previews.
+        self.previews = None
 
     @property
     def denoiser(self) -> Denoiser:
@@ -49,7 +51,7 @@ class Renderer:
             self.stats.load_seconds = time.perf_counter() - started
         return self._denoiser
 
-    def run(self, batch: ImageBatch) -> list[WrittenImage]:
+    def run(self, batch: ImageBatch, on_step: OnStep | None = None) -> list[WrittenImage]:
         """Render (or find) every image of the batch. Raises JobError for a per-job failure."""
         self.stats.jobs += 1
         if all(self.out.exists(name) for name in batch.filenames):
@@ -58,7 +60,7 @@ class Renderer:
         denoiser = self.denoiser  # loaded (and timed) before the render's clock starts
         started = time.perf_counter()
         try:
-            decoded = denoiser.render(batch.record, batch.seed, batch.count, batch.loras)
+            decoded = denoiser.render(batch.record, batch.seed, batch.count, batch.loras, batch.config, on_step)
         except JobError:
             self.stats.failed_jobs += 1
             raise

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sdxl_split.denoiser_service.job_control import JobControl
 from sdxl_split.denoiser_service.naming import ImageBatch, image_batch
 from sdxl_split.denoiser_service.outputs import OutputDir
 from sdxl_split.denoiser_service.renderer import Renderer, RenderStats
@@ -17,6 +18,7 @@ from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.encoding_settings import EncodingSettings, entry_key
 from sdxl_split.shared.errors import JobError, NotOnThisDenoiser, UserError
+from sdxl_split.shared.image_settings import batch_problem
 from sdxl_split.shared.jobs import settings_id
 from sdxl_split.shared.loras import LoraFinder
 from sdxl_split.shared.memory import MemoryMeter
@@ -60,16 +62,23 @@ def renderer_for(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Rend
     return Renderer(denoiser_loader(spec, meter, notice), spec.faults.wrap_output(OutputDir(spec.config.out_dir)))
 
 
-def reply_function(renderer: Renderer, spec: DenoiserSpec) -> Callable[[p.Job], Reply]:
+def reply_function(renderer: Renderer, spec: DenoiserSpec) -> Callable[[p.Job, JobControl | None], Reply]:
     """Render one wire job into its DONE or ERROR."""
-    return spec.faults.wrap_render(lambda job: job_reply(renderer, spec, job))
+    return spec.faults.wrap_render(lambda job, control=None: job_reply(renderer, spec, job, control))
 
 
-def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> Reply:
-    """Render one wire job; a per-job failure becomes an ERROR, so the encoder can retry it elsewhere."""
+def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job, control: JobControl | None = None) -> Reply:
+    """Render one wire job, with the settings it chose over this denoiser's own; a per-job failure becomes an
+    ERROR, so the encoder can retry it elsewhere. A job that asked for its images gets them in the DONE."""
     started = time.perf_counter()
+    control = control or JobControl(job)
+    config = job.options.settings.over(spec.config)
     try:
-        written = renderer.run(image_batch(job.entry, job.record, spec.config, spec.identity, job.loras))
+        batch = image_batch(job.entry, job.record, config, spec.identity, job.loras)
+        if problem := batch_problem(config.width, config.height, batch.count):
+            raise JobError(problem)
+        on_step = _step_reporter(control, renderer, spec) if control.reports else None
+        written = renderer.run(batch, on_step)
     except NotOnThisDenoiser as err:
         return p.Error(job_id=job.job_id, attempt=job.attempt, reason=p.reason_text(str(err)), scope="denoiser")
     except JobError as err:
@@ -81,7 +90,38 @@ def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job) -> Reply:
                        reason=p.reason_text(f"{err.strerror or err}{where}; the job stays pending for another "
                                             "denoiser or a re-run"))
     return p.Done(job_id=job.job_id, attempt=job.attempt, seconds=time.perf_counter() - started,
-                  images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written))
+                  images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written),
+                  image_bytes=tuple(w.path.read_bytes() for w in written) if job.options.return_images else ())
+
+
+def _step_reporter(control: JobControl, renderer: Renderer, spec: DenoiserSpec):
+    """After each step: stop if the job was cancelled, else report the step, with a preview when one is due."""
+    def on_step(step: int, steps: int, latents) -> None:
+        preview = previews_for(renderer, spec).png(latents) if control.preview_due(step, steps) else b""
+        control.step(step, steps, preview)
+
+    return on_step
+
+
+def previews_for(renderer: Renderer, spec: DenoiserSpec):
+    """The renderer's preview decoder, made on the first preview (it may load the tiny VAE)."""
+    from sdxl_split.denoiser_service.previews import Previews
+
+    if getattr(renderer, "previews", None) is None:
+        renderer.previews = Previews(renderer.denoiser.pipe.vae, lambda: _tiny_vae(spec, renderer.denoiser))
+    return renderer.previews
+
+
+def _tiny_vae(spec: DenoiserSpec, denoiser):
+    """The tiny VAE for previews, on the denoiser's device; None when it cannot be had (offline, say)."""
+    from sdxl_split.denoiser_service.pipeline import load_tiny_vae, tiny_vae_location
+    from sdxl_split.shared.embeddings import DTYPES
+
+    try:
+        vae = load_tiny_vae(tiny_vae_location(spec.source, spec.config), DTYPES[spec.config.dtype])
+    except UserError:
+        return None
+    return vae.to(denoiser.pipe.unet.device)
 
 
 # ---- rendering a prompt file's cached embeddings (render --prompts)

@@ -15,6 +15,7 @@ from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.handshakes import HandshakeMonitor, encoder_side
+from sdxl_split.shared.image_settings import JobOptions
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.security import make_curve_server, start_authenticator
 from sdxl_split.shared.text import plural
@@ -26,20 +27,37 @@ log = logging.getLogger("sdxl_split.encoder")
 Fetch = Callable[[str], tuple[Embeddings, bytes]]
 
 
+class JobWatcher:
+    """Who wants to hear how jobs go, beyond the journal: the HTTP server, whose clients wait for them. Called on
+    the dispatcher's thread; the default hears nothing."""
+
+    def finished(self, done: p.Done) -> None:
+        """A job's DONE, its PNGs in it when the job asked for them."""
+
+    def progressed(self, progress: p.Progress) -> None:
+        """A step of a job, with a preview at some steps."""
+
+    def event(self, name: str, job_id: str, fields: dict) -> None:
+        """An event of the job table, as the journal records it (a dead-lettered job, say)."""
+
+
 class Dispatcher:
     """The ROUTER socket loop: what peers send goes into the job table, what the table picks goes out."""
 
     def __init__(self, config: LinkConfig, journal: Journal, fetch: Fetch,
                  report: Callable[[str], None] = log.warning,
-                 on_event: Callable[[str, str, dict], None] = lambda name, job_id, fields: None) -> None:
+                 on_event: Callable[[str, str, dict], None] = lambda name, job_id, fields: None,
+                 watcher: JobWatcher | None = None) -> None:
         self.config = config
         self.journal = journal
         self.fetch = fetch
         self.report = report
+        self.watcher = watcher or JobWatcher()
 
         def record(event: str, job_id: str, **fields) -> None:
             journal.log(event, job_id, **fields)
             on_event(event, job_id, fields)
+            self.watcher.event(event, job_id, fields)
 
         self.table = JobTable(config.max_attempts, log=record, report=report, finished=journal.finished(),
                               job_timeout_s=config.job_timeout_s,
@@ -66,8 +84,16 @@ class Dispatcher:
         self._next_beat = 0.0
         self.last_peer_seen = 0.0
 
-    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> None:
-        self.table.add(job_id, entry, embedding_key, loras)
+    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = (),
+            options: JobOptions = JobOptions()) -> bool:
+        return self.table.add(job_id, entry, embedding_key, loras, options)
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Drop a job nobody wants; the denoiser rendering it stops at its next step."""
+        holder = self.table.cancel(job_id)
+        if holder is not None:
+            identity, attempt = holder
+            self._send_to(identity, p.Cancel(job_id=job_id, attempt=attempt, reason=p.reason_text(reason)))
 
     # ---- the loop body ----
     def pump(self, timeout_s: float = 0.0) -> None:
@@ -123,7 +149,7 @@ class Dispatcher:
                 self.table.unsendable(job, str(err))
                 continue
             sent = self._send(worker, p.Job.build(job.job_id, job.attempt + 1, job.entry, record, payload,
-                                                  job.loras))
+                                                  job.loras, job.options))
             if sent is None:
                 blocked.add(worker.identity)
             elif sent:
@@ -184,8 +210,13 @@ class Dispatcher:
             # Otherwise: purged as dead, or not READY yet; it will READY (again) when heartbeats stop.
             return
         if isinstance(message, p.Done):
-            self.table.finish(identity, message.job_id, message.attempt,
-                              [{"file": i.file, "sha256": i.sha256} for i in message.images], message.seconds, now)
+            if self.table.finish(identity, message.job_id, message.attempt,
+                                 [{"file": i.file, "sha256": i.sha256} for i in message.images], message.seconds,
+                                 now):
+                self.watcher.finished(message)
+        elif isinstance(message, p.Progress):
+            if self.table.progressed(identity, message.job_id, message.attempt, now):
+                self.watcher.progressed(message)
         elif isinstance(message, p.Error):
             self.table.fail(identity, message.job_id, message.attempt, message.reason, message.scope, now)
         elif isinstance(message, p.Dead):
@@ -193,8 +224,8 @@ class Dispatcher:
         elif isinstance(message, p.Bye):
             self._byes += 1
             self.table.lose(identity, f"denoiser {worker.name} left", quiet=True, orderly=True)
-        elif isinstance(message, p.Job):
-            self.report(f"dropped a JOB sent by denoiser {worker.name}; only the encoder sends jobs")
+        elif isinstance(message, (p.Job, p.Cancel)):
+            self.report(f"dropped a {message.TYPE} sent by denoiser {worker.name}; only the encoder sends those")
 
     # ---- shutdown ----
     def close(self, reason: str = "encoder finished", dead: bool = False, ack_timeout_s: float = 3.0) -> None:

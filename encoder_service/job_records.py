@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from sdxl_split.shared.image_settings import JobOptions
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import PromptEntry
 
@@ -14,6 +15,8 @@ class JobState(enum.Enum):
     DISPATCHED = "dispatched"
     DONE = "done"
     DEAD = "dead"
+    # Nobody wants its images any more (an HTTP client left or interrupted it).
+    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -25,6 +28,7 @@ class JobRecord:
     entry: PromptEntry
     embedding_key: str
     loras: tuple[LoraUse, ...] = ()  # the UNet halves, sent with it
+    options: JobOptions = JobOptions()  # its own image settings, previews, images sent back
     attempt: int = 0  # sends so far; a DONE/ERROR must name the current one
     failures: int = 0  # ERRORs its own content caused
     # Denoisers (by key) that died, left or hung holding it: a job that takes down one denoiser after another is

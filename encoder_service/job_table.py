@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from sdxl_split.encoder_service.deadlines import overdue
 from sdxl_split.encoder_service.job_records import DenoiserRecord, JobRecord, JobState
+from sdxl_split.shared.image_settings import JobOptions
 from sdxl_split.shared.prompts import PromptEntry
 from sdxl_split.shared.text import plural
 
@@ -59,10 +60,11 @@ class JobTable:
         self.draining = False
 
     # ---- jobs ----
-    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = ()) -> bool:
+    def add(self, job_id: str, entry: PromptEntry, embedding_key: str, loras: tuple = (),
+            options: JobOptions = JobOptions()) -> bool:
         if job_id in self.jobs:
             return False
-        self.jobs[job_id] = JobRecord(job_id, entry, embedding_key, loras)
+        self.jobs[job_id] = JobRecord(job_id, entry, embedding_key, loras, options)
         self.queue.append(job_id)
         self.log("queued", job_id, line=entry.line, prompt=entry.prompt[:200])
         return True
@@ -290,6 +292,35 @@ class JobTable:
         self.log("dead_letter", job.job_id, attempts=job.attempt, reason=reason)
         self.report(f"gave up on line {job.entry.line} ({job.entry.prompt[:50]!r}) after "
                     f"{plural(job.attempt, 'attempt')}: {reason}")
+
+    def cancel(self, job_id: str) -> tuple[bytes, int] | None:
+        """Nobody wants this job any more: it leaves the queue, or, out on a denoiser, is left to end there; (that
+        denoiser, the attempt) to tell it, or None. A report about it later only returns the credit."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state not in (JobState.QUEUED, JobState.DISPATCHED):
+            return None
+        holder = (job.worker, job.attempt) if job.state is JobState.DISPATCHED and job.worker is not None else None
+        if job.state is JobState.QUEUED:
+            self.queue.remove(job_id)
+        job.state, job.worker = JobState.CANCELLED, None
+        self.log("cancelled", job_id)
+        return holder
+
+    def progressed(self, identity: bytes, job_id: str, attempt: int, now: float) -> bool:
+        """A step of a job this denoiser holds: it is working, whatever its deadline says."""
+        worker = self.workers.get(identity)
+        job = self.jobs.get(job_id)
+        if worker is None or job is None or job.state is not JobState.DISPATCHED or job.worker != identity \
+                or job.attempt != attempt:
+            return False
+        worker.last_progress = now
+        return True
+
+    def forget(self, job_id: str) -> None:
+        """Drop an ended job (done, dead or cancelled): a server that runs for weeks keeps no record of each."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.state not in (JobState.QUEUED, JobState.DISPATCHED):
+            del self.jobs[job_id]
 
     def leftovers(self) -> list[JobRecord]:
         """Jobs neither done nor dead-lettered: queued, or out on a denoiser."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from sdxl_split.shared.atomic import append_line
 from sdxl_split.shared.digests import intact
 
-EVENTS = ("queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
+EVENTS = ("cancelled", "queued", "dispatched", "done", "failed", "requeued", "dead_letter", "abandoned")
 
 
 def journal_path(cache_dir: Path, name: str, identity: str, settings_key: str) -> Path:
@@ -19,6 +19,16 @@ def journal_path(cache_dir: Path, name: str, identity: str, settings_key: str) -
     run = hashlib.sha256(f"{identity}\0{settings_key}".encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "prompts"
     return cache_dir / "runs" / f"{stem}-{run}.jsonl"
+
+
+class NoJournal:
+    """A journal that keeps nothing: a server's jobs are answered over HTTP, and a re-run resumes nothing."""
+
+    def log(self, event: str, job: str, **fields) -> None:
+        pass
+
+    def finished(self) -> dict:
+        return {}
 
 
 class Journal:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sdxl_split.encoder_service.encode_loop import EncodeContext, EncodeStats, run_encode
 from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import PromptEntry
@@ -26,6 +27,8 @@ class EncodeRequest:
     entries: tuple[PromptEntry, ...]
     # The front's handle for this request, handed back with everything it produced.
     tag: object = None
+    # Its own encoding settings (an HTTP request's clip skip), else the run's.
+    settings: EncodingSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,9 @@ class EncoderModelThread:
                 self._hand(JobReady(entry, record.key, loras, tag))
                 self._after_record()
 
+            context = self._context if request.settings is None else replace(self._context, settings=request.settings)
             try:
-                stats = run_encode(list(request.entries), self._context, self._text_side_once, sink,
+                stats = run_encode(list(request.entries), context, self._text_side_once, sink,
                                    should_stop=self._stop.is_set)
             except UserError as err:
                 self._hand(RequestFailed(request.tag, str(err)))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import zmq
 
+from sdxl_split.encoder_service.config import EncodeConfig
 from sdxl_split.encoder_service.dispatcher import Dispatcher
 from sdxl_split.encoder_service.encode_loop import EncodeContext
 from sdxl_split.encoder_service.encoder_loop import EncoderLoop
@@ -20,7 +21,7 @@ from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import text_widths
+from sdxl_split.shared.models.resolve import ModelSource, text_widths
 from sdxl_split.shared.wakeup import watch_stop
 
 Notice = Callable[[str], None]
@@ -38,13 +39,13 @@ def cache_fetch(cache: EmbeddingCache) -> Callable[[str], tuple[Embeddings, byte
     return fetch
 
 
-def text_side_loader(spec: EncodeSpec, inversions: tuple, notice: Notice) -> Callable:
+def text_side_loader(source: ModelSource, config: EncodeConfig, inversions: tuple, notice: Notice) -> Callable:
     """Loads the text encoders (on the model thread, the first time a prompt misses the cache)."""
     def load():
         from sdxl_split.encoder_service.text_side import TextSide
 
-        notice(f"loading text encoders of {spec.source.description} on {spec.config.device} ({spec.config.dtype})")
-        return TextSide(spec.source, spec.config.device, spec.config.dtype, inversions=inversions)
+        notice(f"loading text encoders of {source.description} on {config.device} ({config.dtype})")
+        return TextSide(source, config.device, config.dtype, inversions=inversions)
 
     return load
 
@@ -68,8 +69,8 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     context = EncodeContext(spec.settings, cache, meter, batch_size=spec.config.batch_size,
                             widths=text_widths(spec.source), extras_of=extras.resolve,
                             warn=lambda message: notice(f"warning: {message}"))
-    model = EncoderModelThread(context, text_side_loader(spec, extras.inversions, notice), dispatcher.wakeup,
-                               threads=spec.config.threads, after_record=spec.faults.after_record())
+    model = EncoderModelThread(context, text_side_loader(spec.source, spec.config, extras.inversions, notice),
+                               dispatcher.wakeup, threads=spec.config.threads, after_record=spec.faults.after_record())
     crashed: BaseException | None = None
     try:
         outcome = EncoderLoop(dispatcher, model, on_progress).run_file(list(spec.entries), spec.wait_s, stop)

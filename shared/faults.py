@@ -37,18 +37,18 @@ class Faults:
         delay = self.encode_delay_s
         return (lambda: time.sleep(delay)) if delay else (lambda: None)
 
-    def wrap_render(self, render: Callable[[T], R]) -> Callable[[T], R]:
+    def wrap_render(self, render: Callable[..., R]) -> Callable[..., R]:
         if not (self.render_delay_s or self.hang_on_render):
             return render
         started = 0
 
-        def faulty(job: T) -> R:
+        def faulty(job: T, *rest: Any) -> R:
             nonlocal started
             started += 1
             if started == self.hang_on_render:
                 threading.Event().wait()
             time.sleep(self.render_delay_s)
-            return render(job)
+            return render(job, *rest)
 
         return faulty
 

@@ -90,3 +90,25 @@ class JobSettings:
     @property
     def empty(self) -> bool:
         return all(value is None for value in self.as_dict().values())
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a job asks of its denoiser beyond its prompt: its own image settings, a small preview every
+    `preview_every` steps while it renders (0: none), and its PNGs sent back over the link."""
+
+    settings: JobSettings = JobSettings()
+    preview_every: int = 0
+    return_images: bool = False
+
+    def problem(self) -> str | None:
+        if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) \
+                or not 0 <= self.preview_every <= MAX_STEPS:
+            return f"preview_every {self.preview_every} must be a whole number from 0 to {MAX_STEPS}"
+        if not isinstance(self.return_images, bool):
+            return "return_images must be true or false"
+        return self.settings.problem()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings.as_dict(), "preview_every": self.preview_every,
+                "return_images": self.return_images}

@@ -18,11 +18,14 @@ def _loras(loras: tuple) -> dict:
     return {"unet_loras": [[use.name, use.sha256, use.scale] for use in loras]} if loras else {}
 
 
-def job_id_for(embedding_key: str, seed: int | None, count: int | None, loras: tuple = ()) -> str:
+def job_id_for(embedding_key: str, seed: int | None, count: int | None, loras: tuple = (),
+               settings: dict | None = None) -> str:
     """A job's identity on the encoder side. The renderer adds its own settings (size, steps...) to
     name files, so this id only covers what the prompt file decides (its UNet LoRAs too: a UNet-only LoRA
-    leaves the embeddings alone but not the image)."""
-    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, **_loras(loras)})
+    leaves the embeddings alone but not the image), and the image settings a job chose for itself (an HTTP
+    request's); without those, ids stay what they always were."""
+    chosen = {"settings": settings} if settings and any(v is not None for v in settings.values()) else {}
+    return _digest({"embedding_key": embedding_key, "seed": seed, "count": count, **_loras(loras), **chosen})
 
 
 def render_id(embedding_key: str, seed: int, count: int, pixel_settings: dict, model: str, loras: tuple = ()) -> str:

@@ -3,10 +3,12 @@ message built by us or decoded from a peer is valid or never exists. See protoco
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.image_settings import MAX_STEPS, JobOptions, JobSettings
 from sdxl_split.shared.loras import LoraUse, plain_name_problem
 from sdxl_split.shared.prompts import MAX_COUNT, MAX_LORAS, PromptEntry
 from sdxl_split.shared.wire_fields import (
@@ -30,6 +32,9 @@ MAX_WORKER_CHARS = 128
 MAX_DEVICE_CHARS = 64
 MAX_CREDITS = 64
 MAX_IMAGES = MAX_COUNT
+# A preview is a small PNG (at most 256 px a side).
+MAX_PREVIEW_BYTES = 2 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class _Message:
@@ -91,6 +96,8 @@ class Job(_Message):
     payload: bytes = field(repr=False)
     # The UNet halves of the job's LoRAs: the denoiser renders it with exactly these files, or answers ERROR.
     loras: tuple[LoraUse, ...] = ()
+    # Its own image settings, previews, images sent back (an HTTP request's); by default the denoiser's own.
+    options: JobOptions = JobOptions()
 
     TYPE = "JOB"
 
@@ -119,25 +126,30 @@ class Job(_Message):
             hex64_field(use.sha256, f"loras[{n}].sha256")
             scale_field(use.scale, f"loras[{n}]")
             short_hex_field(use.a1111_hash, f"loras[{n}].a1111_hash")
+        if not isinstance(self.options, JobOptions) or not isinstance(self.options.settings, JobSettings):
+            raise ProtocolError("options must be JobOptions")
+        if problem := self.options.problem():
+            raise ProtocolError(f"options: {problem}")
 
     @classmethod
     def header_fields(cls) -> tuple[str, ...]:
         # The record travels as the second frame; its key in the header lets the receiver check it.
-        return ("job_id", "attempt", "embedding_key", "entry", "loras")
+        return ("job_id", "attempt", "embedding_key", "entry", "loras", "options")
 
     @classmethod
-    def build(cls, job_id: str, attempt: int, entry: PromptEntry, record: Embeddings,
-              payload: bytes | None = None, loras: tuple[LoraUse, ...] = ()) -> Job:
+    def build(cls, job_id: str, attempt: int, entry: PromptEntry, record: Embeddings, payload: bytes | None = None,
+              loras: tuple[LoraUse, ...] = (), options: JobOptions = JobOptions()) -> Job:
         """A JOB from an in-memory record. Pass `payload` when the record's bytes are already at hand
         (e.g. read from the cache) so they are neither re-serialised nor decoded again."""
         return cls(job_id=job_id, attempt=attempt, entry=entry, record=record,
-                   payload=record.to_bytes() if payload is None else payload, loras=tuple(loras))
+                   payload=record.to_bytes() if payload is None else payload, loras=tuple(loras), options=options)
 
     def _header(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "attempt": self.attempt, "embedding_key": self.record.key,
                 "entry": entry_json(self.entry),
                 "loras": [{"name": u.name, "sha256": u.sha256, "scale": u.scale, "a1111_hash": u.a1111_hash}
-                          for u in self.loras]}
+                          for u in self.loras],
+                "options": self.options.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,8 @@ class Done(_Message):
     attempt: int
     images: tuple[ImageDone, ...]
     seconds: float
+    # The PNGs themselves, one frame each after the header, when the job asked for them (JobOptions.return_images).
+    image_bytes: tuple[bytes, ...] = field(default=(), repr=False)
 
     TYPE = "DONE"
 
@@ -174,12 +188,24 @@ class Done(_Message):
             raise ProtocolError("images name the same file more than once")
         # JSON may carry a whole number of seconds as an int; keep the field a float either way.
         object.__setattr__(self, "seconds", seconds_field(self.seconds, "seconds"))
-
-    def _header(self) -> dict[str, Any]:
-        return {**super()._header(), "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
+        if self.image_bytes:
+            if len(self.image_bytes) != len(self.images):
+                raise ProtocolError(f"DONE carries {len(self.image_bytes)} image frames for {len(self.images)} images")
+            for image, data in zip(self.images, self.image_bytes):
+                # The bytes are the file the sha256 names, or they are not passed on.
+                if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != image.sha256:
+                    raise ProtocolError(f"the bytes sent for {image.file} do not have the sha256 it names")
 
     @classmethod
-    def _from_header(cls, h: dict[str, Any]) -> Done:
+    def header_fields(cls) -> tuple[str, ...]:
+        return ("job_id", "attempt", "images", "seconds")
+
+    def _header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "attempt": self.attempt, "seconds": self.seconds,
+                "images": [{"file": i.file, "sha256": i.sha256} for i in self.images]}
+
+    @classmethod
+    def _from_header(cls, h: dict[str, Any], image_bytes: tuple[bytes, ...] = ()) -> Done:
         raw = h["images"]
         if not isinstance(raw, list):
             raise ProtocolError("images must be a list")
@@ -191,7 +217,8 @@ class Done(_Message):
                 raise ProtocolError(f"images[{n}] must be an object")
             exact_keys(item, ("file", "sha256"), f"images[{n}]")
             images.append(ImageDone(file=item["file"], sha256=item["sha256"]))
-        return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"])
+        return cls(job_id=h["job_id"], attempt=h["attempt"], images=tuple(images), seconds=h["seconds"],
+                   image_bytes=image_bytes)
 
 
 ERROR_SCOPES = ("job", "denoiser")
@@ -216,6 +243,51 @@ class Error(_Message):
         str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
         if self.scope not in ERROR_SCOPES:
             raise ProtocolError(f"scope must be one of {ERROR_SCOPES}, got {str(self.scope)[:20]!r}")
+
+
+@dataclass(frozen=True)
+class Progress(_Message):
+    """A job's denoising reached `step` of `steps`; `preview` (its own frame) is a small PNG of the image so far,
+    when the job asked for previews and this step is one of theirs."""
+
+    job_id: str
+    attempt: int
+    step: int
+    steps: int
+    preview: bytes = field(default=b"", repr=False)
+
+    TYPE = "PROGRESS"
+
+    def __post_init__(self) -> None:
+        hex64_field(self.job_id, "job_id")
+        int_field(self.attempt, "attempt", 1)
+        int_field(self.steps, "steps", 1, MAX_STEPS)
+        int_field(self.step, "step", 0, self.steps)
+        if not isinstance(self.preview, bytes) or len(self.preview) > MAX_PREVIEW_BYTES:
+            raise ProtocolError(f"preview must be at most {MAX_PREVIEW_BYTES} bytes")
+        if self.preview and not self.preview.startswith(PNG_SIGNATURE):
+            raise ProtocolError("preview must be a PNG")
+
+    @classmethod
+    def header_fields(cls) -> tuple[str, ...]:
+        return ("job_id", "attempt", "step", "steps")
+
+
+@dataclass(frozen=True)
+class Cancel(_Message):
+    """Stop this job at its next step and free the GPU: nobody wants its images any more (the HTTP client left,
+    or interrupted it). The denoiser answers ERROR, which returns the credit."""
+
+    job_id: str
+    attempt: int
+    reason: str = "cancelled"
+
+    TYPE = "CANCEL"
+
+    def __post_init__(self) -> None:
+        hex64_field(self.job_id, "job_id")
+        int_field(self.attempt, "attempt", 1)
+        str_field(self.reason, "reason", 1, MAX_REASON_CHARS)
 
 
 @dataclass(frozen=True)
@@ -249,8 +321,8 @@ class Bye(_Message):
         str_field(self.reason, "reason", 0, MAX_REASON_CHARS)
 
 
-Message = Ready | Job | Done | Error | Heartbeat | Dead | Bye
-MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Heartbeat, Dead, Bye)
+Message = Ready | Job | Done | Error | Progress | Cancel | Heartbeat | Dead | Bye
+MESSAGE_TYPES: tuple[type, ...] = (Ready, Job, Done, Error, Progress, Cancel, Heartbeat, Dead, Bye)
 
 
 def reason_text(text: str) -> str:

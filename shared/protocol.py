@@ -4,7 +4,8 @@ A message is a multipart ZeroMQ message. Frame 0 is a UTF-8 JSON header (at most
 
     {"proto": "sdxl-split", "v": 3, "type": "JOB", ...fields}
 
-JOB alone carries a second frame: the safetensors bytes of the embedding record. On a ROUTER, zmq
+JOB carries a second frame: the safetensors bytes of the embedding record. DONE carries one PNG per image after
+its header when the job asked for its images back; PROGRESS carries a preview PNG when there is one. On a ROUTER, zmq
 prepends the peer's identity frame; strip it and pass the rest to `decode`.
 
 The flow (credit-based load balancing, Paranoid Pirate heartbeats):
@@ -13,6 +14,8 @@ The flow (credit-based load balancing, Paranoid Pirate heartbeats):
     encoder  -> denoiser  JOB{job_id, ...}      only against a credit
     denoiser -> encoder   DONE{job_id, images}  returns one credit
     denoiser -> encoder   ERROR{job_id, reason} a per-job failure; also returns one credit
+    denoiser -> encoder   PROGRESS{job_id, step} a step done, with a small preview when the job asked for one
+    encoder  -> denoiser  CANCEL{job_id}        stop that job at its next step; it is answered by an ERROR
     both ways             HEARTBEAT             every HEARTBEAT_INTERVAL_S; HEARTBEAT_LIVENESS missed = dead
     both ways             DEAD{reason}          the sender hit an unrecoverable failure and is stopping
     both ways             BYE{reason}           orderly shutdown; the sender will send nothing more
@@ -30,6 +33,7 @@ from typing import Any
 import zmq
 
 from sdxl_split.shared.embeddings import EmbeddingFormatError, decode_embeddings
+from sdxl_split.shared.image_settings import JobOptions, JobSettings
 from sdxl_split.shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS  # noqa: F401
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part of this module's interface)
@@ -41,6 +45,7 @@ from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part
     MAX_WORKER_CHARS,
     MESSAGE_TYPES,
     Bye,
+    Cancel,
     Dead,
     Done,
     Error,
@@ -48,6 +53,7 @@ from sdxl_split.shared.messages import (  # noqa: F401  (the message set is part
     ImageDone,
     Job,
     Message,
+    Progress,
     Ready,
     reason_text,
 )
@@ -55,7 +61,8 @@ from sdxl_split.shared.prompts import MAX_LORAS
 from sdxl_split.shared.wire_fields import ProtocolError, entry_field, exact_keys, hex64_field, int_field
 
 PROTOCOL_ID = "sdxl-split"
-# 2: ERROR carries a scope. 3: JOB, DONE and ERROR name the job by `job_id` (was `work_id`).
+# 2: ERROR carries a scope. 3: JOB, DONE and ERROR name the job by `job_id` (was `work_id`); JOB carries options
+# (its own image settings, previews, images sent back); PROGRESS and CANCEL; DONE may carry the PNGs.
 PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 # Full-size SDXL fp32 embeddings are about 1.3 MB a chunk of 77 tokens; 16 MiB holds the longest compiled prompt
@@ -85,6 +92,12 @@ def encode(msg: Message, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> list[b
         if len(msg.payload) > max_payload_bytes:
             raise ProtocolError(f"JOB payload is {len(msg.payload)} bytes; the limit is {max_payload_bytes}")
         return [data, msg.payload]
+    if isinstance(msg, Done) and msg.image_bytes:
+        if any(len(image) > max_payload_bytes for image in msg.image_bytes):
+            raise ProtocolError(f"a DONE image is over {max_payload_bytes} bytes")
+        return [data, *msg.image_bytes]
+    if isinstance(msg, Progress) and msg.preview:
+        return [data, msg.preview]
     return [data]
 
 
@@ -122,6 +135,7 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
     key = hex64_field(header["embedding_key"], "embedding_key")
     entry = entry_field(header["entry"], "entry")
     loras = lora_uses(header["loras"])
+    options = job_options(header["options"])
     if len(payload) > max_payload_bytes:
         raise ProtocolError(f"JOB payload is {len(payload)} bytes; the limit is {max_payload_bytes}")
     payload = bytes(payload)
@@ -129,7 +143,27 @@ def _decode_job(header: dict[str, Any], payload: bytes, max_payload_bytes: int) 
         record = decode_embeddings(payload, expected_key=key)
     except EmbeddingFormatError as err:
         raise ProtocolError(f"JOB payload is not a valid embedding record: {err}") from None
-    return Job(job_id=job_id, attempt=attempt, entry=entry, record=record, payload=payload, loras=loras)
+    return Job(job_id=job_id, attempt=attempt, entry=entry, record=record, payload=payload, loras=loras,
+               options=options)
+
+
+def job_options(value: Any) -> JobOptions:
+    """A JOB's `options` object: its keys exactly, each value typed and ranged by JobOptions itself."""
+    if not isinstance(value, dict):
+        raise ProtocolError("options must be an object")
+    exact_keys(value, ("settings", "preview_every", "return_images"), "options")
+    settings = value["settings"]
+    if not isinstance(settings, dict):
+        raise ProtocolError("options.settings must be an object")
+    exact_keys(settings, tuple(JobSettings().as_dict()), "options.settings")
+    guidance = settings["guidance"]
+    if isinstance(guidance, int) and not isinstance(guidance, bool):
+        settings = {**settings, "guidance": float(guidance)}  # JSON may carry 5.0 as 5
+    options = JobOptions(settings=JobSettings(**settings), preview_every=value["preview_every"],
+                         return_images=value["return_images"])
+    if problem := options.problem():
+        raise ProtocolError(f"options: {problem}")
+    return options
 
 
 def lora_uses(value: Any) -> tuple[LoraUse, ...]:
@@ -158,9 +192,9 @@ def decode(frames: Sequence[bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
 
 
 def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
-    if not isinstance(frames, (list, tuple)) or not 1 <= len(frames) <= 2:
+    if not isinstance(frames, (list, tuple)) or not 1 <= len(frames) <= 1 + MAX_IMAGES:
         count = len(frames) if isinstance(frames, (list, tuple)) else type(frames).__name__
-        raise ProtocolError(f"a message is 1 or 2 frames, got {count}")
+        raise ProtocolError(f"a message is 1 to {1 + MAX_IMAGES} frames, got {count}")
     if not all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames):
         raise ProtocolError("frames must be bytes")
     header = _parse_header(frames[0])
@@ -180,7 +214,12 @@ def _decode(frames: Sequence[bytes], max_payload_bytes: int) -> Message:
         if len(frames) != 2:
             raise ProtocolError(f"JOB must be 2 frames (header, payload), got {len(frames)}")
         return _decode_job(header, frames[1], max_payload_bytes)
-    if len(frames) != 1:
+    extra = tuple(bytes(frame) for frame in frames[1:])
+    if kind == "DONE":  # the header, then the PNGs when the job asked for them
+        return Done._from_header(header, image_bytes=extra)
+    if kind == "PROGRESS" and len(extra) <= 1:  # the header, then a preview at some steps
+        return Progress(**{name: header[name] for name in Progress.header_fields()}, preview=extra[0] if extra else b"")
+    if extra:
         raise ProtocolError(f"{kind} must be 1 frame, got {len(frames)}")
     return cls._from_header(header)
 

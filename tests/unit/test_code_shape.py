@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("cli", "shared", "encoder_service", "denoiser_service", "bench", "ray_engine", "benchmarks")
+PRODUCT = ("cli", "shared", "encoder_service", "denoiser_service", "bench", "ray_engine", "http_service", "benchmarks")
 MAX_LINES = 60
 MAX_PARAMETERS = 8
 

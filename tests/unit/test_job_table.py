@@ -45,7 +45,7 @@ def test_jobs_go_out_only_against_credit_and_a_done_returns_it() -> None:
     assert table.pick() is None  # nobody attached
     table.attach(A, "a", credits=2, now=0.0)
     assert send_all(table) == [("job0", A), ("job1", A)]
-    assert table.counts() == {"queued": 1, "dispatched": 2, "done": 0, "dead": 0}
+    assert table.counts() == {"queued": 1, "dispatched": 2, "done": 0, "dead": 0, "cancelled": 0}
     assert table.finish(A, "job0", 1, IMAGES, 1.5)
     assert send_all(table) == [("job2", A)]
     assert seen.named("dispatched") == ["job0", "job1", "job2"] and seen.named("done") == ["job0"]

@@ -22,7 +22,8 @@ SOURCE = ModelSource(spec="tiny", kind="folder", location="/m/tiny", config_dir=
 
 def test_run_specs_round_trip_through_json() -> None:
     encode = EncodeSpec(
-        prompts_path=Path("p.txt"), prompts_identity="/abs/p.txt", entries=(PromptEntry(line=1, prompt="a cat", seed=3), PromptEntry(2, "dog")),
+        prompts_path=Path("p.txt"), prompts_identity="/abs/p.txt",
+        entries=(PromptEntry(line=1, prompt="a cat", seed=3), PromptEntry(2, "dog")),
         skipped_lines=1, source=SOURCE,
         settings=EncodingSettings(fingerprint="sha256:x", clip_skip=None, dtype="fp32", force_zeros=True),
         cache_dir=Path("/c"), config=EncodeConfig(batch_size=2),

@@ -1,0 +1,79 @@
+"""What the HTTP handlers share: the server's settings, its broker, and the helpers every route uses (waiting for a
+request while watching for the client to leave, reading the PNGs' infotexts)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from dataclasses import dataclass
+
+from fastapi import Request
+from PIL import Image
+
+from sdxl_split.http_service.asks import Defaults
+from sdxl_split.http_service.broker import Broker, Tracker
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """How the model is named to clients, as A1111 names checkpoints."""
+
+    name: str
+    hash: str  # A1111's 10 hex digits
+    sha256: str | None = None
+    location: str = ""
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    defaults: Defaults
+    model: ModelInfo
+    max_queue: int
+    api_key: str | None = None
+    lora_dir: str | None = None
+    version: str = ""
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    broker: Broker
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def client_gone(request: Request) -> asyncio.Future:
+    """Completes when the HTTP client disconnects: its request body is read, so the next message from the server
+    (uvicorn) is the disconnect. No polling."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(watch())
+
+
+async def run_to_end(server: ServerState, tracker: Tracker, request: Request, watch_client: bool = True) -> None:
+    """Wait for a request to end, cancelling it if its client leaves; the broker forgets it either way."""
+    gone = client_gone(request) if watch_client else asyncio.get_running_loop().create_future()
+    try:
+        await server.broker.wait(tracker, gone)
+    finally:
+        gone.cancel()
+        server.broker.end(tracker)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def infotext(png: bytes) -> str:
+    """The A1111 `parameters` text chunk of a PNG this server made."""
+    with Image.open(io.BytesIO(png)) as image:
+        return str(image.text.get("parameters", ""))  # type: ignore[attr-defined]
