@@ -76,7 +76,8 @@ def test_nan_latents_are_blamed_on_the_unet_not_the_vae(session_cache: Path, mon
         images = torch.full((1, 4, 8, 8), float("nan"))
 
     monkeypatch.setattr(denoiser, "pipe", type("P", (), {"__call__": lambda self, **kw: NanLatents(),
-                                                          "vae": denoiser.pipe.vae})())
+                                                          "vae": denoiser.pipe.vae,
+                                                          "scheduler": denoiser.pipe.scheduler})())
     record = _record(session_cache, "a cat")
     with pytest.raises(JobError, match="UNet produced NaN/Inf latents"):
         denoiser.render(record, seed=0, count=1)
