@@ -120,7 +120,10 @@ def _run(server, engine, host: str, port: int) -> None:
         from sdxl_split.http_service.app import create_app
     except ImportError:
         raise UserError("serve needs the serve extra: pip install 'sdxl-split[serve]'") from None
-    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP said outright: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and
+    # with it on every response waited out a delayed ACK (measured: 44 ms per request, against 1 ms).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind((host, port))

@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.infotext import parse_infotext
 from sdxl_split.http_service.samplers import UnknownSampler, sampler_items, scheduler_for, scheduler_items
-from sdxl_split.http_service.server_state import ServerState, b64, infotext, run_to_end, state
+from sdxl_split.http_service.server_state import ServerState, b64, infotext, run_to_end, server_timing, state
 from sdxl_split.shared.image_settings import SCHEDULERS
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -114,7 +114,7 @@ def _info(ask: Ask, server: ServerState, texts: list[str]) -> dict[str, Any]:
 
 
 @router.post("/txt2img")
-async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
+async def txt2img(body: Txt2ImgRequest, request: Request, response: Response) -> dict[str, Any]:
     server = state(request)
     ask = ask_of(body, server)
     tracker = server.broker.start(lambda request_id: ask.generation(request_id, server.settings.defaults.syntax))
@@ -123,6 +123,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
     failures = [job.failed for job in tracker.jobs if job.failed]
     if failures and not images:
         raise RenderFailed(failures[0])
+    response.headers["Server-Timing"] = server_timing(tracker)
     return {"images": [b64(png) for png in images] if body.send_images else [],
             "parameters": body.model_dump(), "info": json.dumps(_info(ask, server, [infotext(png) for png in images]))}
 

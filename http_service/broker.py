@@ -40,6 +40,7 @@ class JobView:
     failed: str | None = None
     skipped: bool = False
     finished: bool = False
+    seconds: float = 0.0  # the denoiser's time on it, from its DONE
 
 
 @dataclass
@@ -87,7 +88,7 @@ class _Listener:
 
     def job_done(self, index: int, done: p.Done) -> None:
         images = list(zip((image.file for image in done.images), done.image_bytes))
-        self._later(lambda: _finished(self._tracker, index, images=images))
+        self._later(lambda: _finished(self._tracker, index, images=images, seconds=done.seconds))
 
     def job_failed(self, index: int, reason: str) -> None:
         self._later(lambda: _finished(self._tracker, index, failed=reason))
@@ -109,11 +110,12 @@ def _progressed(tracker: Tracker, index: int, progress: p.Progress) -> None:
         tracker.previews.put_nowait(progress.preview)
 
 
-def _finished(tracker: Tracker, index: int, images: list | None = None, failed: str | None = None) -> None:
+def _finished(tracker: Tracker, index: int, images: list | None = None, failed: str | None = None,
+              seconds: float = 0.0) -> None:
     job = tracker.jobs[index]
     if job.finished:
         return
-    job.images, job.failed, job.finished = images or [], failed, True
+    job.images, job.failed, job.finished, job.seconds = images or [], failed, True, seconds
     tracker.finish_if_complete()
 
 

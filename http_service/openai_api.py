@@ -10,13 +10,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.broker import Tracker
-from sdxl_split.http_service.server_state import ServerState, b64, run_to_end, state
+from sdxl_split.http_service.server_state import ServerState, b64, run_to_end, server_timing, state
 
 router = APIRouter(prefix="/v1")
 MAX_N = 10
@@ -81,7 +81,8 @@ def _size_text(ask: Ask) -> str:
 
 
 @router.post("/images/generations", response_model=None)
-async def generations(body: ImagesRequest, request: Request) -> dict[str, Any] | StreamingResponse:
+async def generations(body: ImagesRequest, request: Request,
+                      response: Response) -> dict[str, Any] | StreamingResponse:
     server = state(request)
     ask = ask_of(body, server)
     tracker = server.broker.start(lambda request_id: ask.generation(request_id, server.settings.defaults.syntax))
@@ -95,6 +96,7 @@ async def generations(body: ImagesRequest, request: Request) -> dict[str, Any] |
         from sdxl_split.http_service.a1111_api import RenderFailed
 
         raise RenderFailed(failures[0])
+    response.headers["Server-Timing"] = server_timing(tracker)
     return {"created": int(time.time()), "data": [{"b64_json": b64(png), "revised_prompt": None} for png in images],
             "output_format": "png", "size": _size_text(ask)}
 

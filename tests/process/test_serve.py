@@ -97,9 +97,13 @@ def test_eight_concurrent_requests_of_different_sizes_and_steps_all_come_back_ri
     asks = [{"prompt": f"a small house, number {n}", "seed": n, "steps": 2 + n % 3, "width": 64 + 8 * (n % 2),
              "height": 64, "batch_size": 1 + n % 2} for n in range(8)]
     answers: dict[int, dict] = {}
+    timings: dict[int, dict[str, float]] = {}
 
     def ask(n: int) -> None:
-        answers[n] = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=asks[n], timeout=hang_bound(300)).json()
+        answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=asks[n], timeout=hang_bound(300))
+        answers[n] = answer.json()
+        timings[n] = {part.split(";")[0].strip(): float(part.split("dur=")[1].split(";")[0])
+                      for part in answer.headers["server-timing"].split(",")}
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -111,6 +115,8 @@ def test_eight_concurrent_requests_of_different_sizes_and_steps_all_come_back_ri
         assert len(answers[n]["images"]) == body["batch_size"], answers[n]
         assert info["all_seeds"] == [n + i for i in range(body["batch_size"])] and info["steps"] == body["steps"]
         assert all(pixels(image).shape == (64, body["width"], 3) for image in answers[n]["images"])
+        # Server-Timing: the denoisers' own time is part of, and less than, the server's time on the request
+        assert 0 < timings[n]["denoise"] < timings[n]["total"], timings[n]
 
 
 def test_progress_shows_steps_and_a_preview_and_interrupt_stops_the_request(server: Server) -> None:
