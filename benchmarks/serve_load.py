@@ -1,10 +1,10 @@
 """Benchmark: `sdxl-split serve` under load, against `render --prompts` doing the same work.
 
-    python benchmarks/serve_load.py                     # tiny model, 128x128, 4 steps, 32 requests at 1 and 8 clients
-    python benchmarks/serve_load.py --model sdxl-random --size 1024 --steps 25 --images 1,4 --concurrency 1 \
-        --requests 4 --device cuda --dtype fp16 --vae tiny  # the GPU suite's serve row
+    python benchmarks/serve_load.py      # tiny model, 128x128, 4 steps, 4 rounds of 32 requests at 1 and 8 clients
+    python benchmarks/serve_load.py --model PATH/sdxl-random --size 1024 --steps 25 --images 1,4 --concurrency 1 \
+        --requests 4 --rounds 1 --device cuda --dtype fp16   # the GPU suite's serve row (benchmarks/gpu/suite.py)
 
-C concurrent clients send R txt2img requests in all (distinct prompts, one image each) to a real server process
+C concurrent clients send R txt2img requests each (distinct prompts, N images each) to a real server process
 with one local denoiser; the prompts are encoded into its cache first, so both sides only render. Reported:
 requests/s, p50/p95/p99 latency per concurrency; the server's overhead per request (each request's latency at
 the client less the denoiser's own time on its job, which the server reports in a Server-Timing header); the
@@ -107,7 +107,8 @@ async def _load(url: str, count: int, clients: int, first: int, server: psutil.P
     wall = time.perf_counter() - started
     used = server.cpu_times()
     return {"wall_s": wall, "requests": count, "images": count * images, "latencies": latencies,
-            "not_denoising": not_denoising, "server_cpu_s": used.user + used.system - cpu.user - cpu.system}
+            "not_denoising": not_denoising,
+            "server_cpu_s": max(0.0, used.user + used.system - cpu.user - cpu.system)}
 
 
 def denoise_seconds(header: str) -> float:
@@ -195,11 +196,11 @@ def summarise(args: argparse.Namespace, runs: dict[tuple[int, int], list[dict]],
                                                       for run, render in zip(row_runs, renders)),
         })
     single = next((row for row in rows if row["clients"] == 1 and row["images_per_request"] == 1), None)
-    return {"date": dt.date.today().isoformat(), "model": args.model, "device": args.device or "default",
+    return {"date": dt.date.today().isoformat(), "model": Path(args.model).name, "device": args.device or "default",
             "size": args.size, "steps": args.steps, "requests_per_row_and_round": args.requests,
             "rounds": args.rounds, "cores": os.cpu_count(), "rows": rows, "render_prompts": renders,
             "overhead_ms_per_request": single["not_denoising_p50_ms"] if single else None,
-            "note": f"{args.model} model, random weights: timings are real, images are noise"}
+            "note": f"{Path(args.model).name} model, random weights: timings are real, images are noise"}
 
 
 def write(payload: dict, folder: Path) -> None:
@@ -210,7 +211,8 @@ def write(payload: dict, folder: Path) -> None:
     overhead = payload["overhead_ms_per_request"]
     lines = [f"# serve under load, {payload['date']} ({payload['model']}, device {payload['device']}, "
              f"{payload['cores']} cores)", "",
-             f"- {payload['size']}x{payload['size']}, {payload['steps']} steps; {payload['rounds']} rounds of "
+             f"- {payload['size']}x{payload['size']}, {payload['steps']} steps; {payload['rounds']} "
+             f"round{'s' if payload['rounds'] != 1 else ''} of "
              f"{payload['requests_per_row_and_round']} requests per row; prompts cached beforehand; {payload['note']}",
              f"- render --prompts, once per round: {renders} ms per image",
              f"- server overhead per request, one client, one image (p50 of the latency at the client less the "

@@ -5,8 +5,9 @@
 #   benchmarks/gpu/prepare.sh [FOLDER] [NAME==VERSION ...]
 #
 # With no packages named: the versions installed in this environment of the packages sdxl-split needs that a
-# stock PyTorch CUDA image does not ship (diffusers and what it adds, pyzmq, platformdirs), so the box runs
-# exactly what was tested here. torchao (--quantize) comes as its pure-Python wheel, without CUDA extensions
+# stock PyTorch CUDA image does not ship (diffusers and what it adds, pyzmq, platformdirs; FastAPI, uvicorn and
+# pydantic with what they add, and the typing_extensions and anyio they want, for the serve row), so the box
+# runs exactly what was tested here. torchao (--quantize) comes as its pure-Python wheel, without CUDA extensions
 # built for another torch; the suite drops it if it does not import there. The folder must stay under 60 MiB to
 # travel with the working tree.
 set -euo pipefail
@@ -16,7 +17,9 @@ shift || true
 if [ "$#" -eq 0 ]; then
   mapfile -t packages < <(python3 - <<'PY'
 from importlib.metadata import version
-for name in ("diffusers", "importlib_metadata", "pyzmq", "platformdirs", "torchao"):
+for name in ("diffusers", "importlib_metadata", "pyzmq", "platformdirs", "torchao", "fastapi", "starlette", "uvicorn",
+             "pydantic", "pydantic_core", "annotated_types", "typing_inspection", "opentelemetry_api",
+             "annotated_doc", "typing_extensions", "anyio"):
     print(f"{name}=={version(name)}")
 PY
 )

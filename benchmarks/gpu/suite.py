@@ -3,7 +3,7 @@
 wheels, build the full-size random-weights SDXL on the GPU, run `pytest -m gpu`, and run the bench table.
 
     python3 benchmarks/gpu/suite.py --part 1 --wheels .whl --out OUT    # tests + the core rows
-    python3 benchmarks/gpu/suite.py --part 2 --wheels .whl --out OUT    # compile, offload and the other rows
+    python3 benchmarks/gpu/suite.py --part 2 --wheels .whl --out OUT    # serve, compile, offload, the other rows
     python3 benchmarks/gpu/suite.py --dry-run --out OUT                 # here, on the CPU: tiny model and size
 
 Each part keeps to --budget seconds: rows that cannot start in time are reported skipped, never silently lost.
@@ -18,8 +18,10 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,12 @@ WORKLOAD = {"size": "1024x1024", "steps": 25, "images": 4}  # the seed's: 1024^2
 DRY_WORKLOAD = {"size": "64x64", "steps": 2, "images": 1}
 # Time kept back at the end of a part for its summary and for bringing the files back.
 RESERVE_S = 15.0
+# The serve row: two model loads (server, render --prompts) and 4 + 4 requests of 1 and 4 images at the seed's size.
+SERVE_LOAD = ["--size", "1024", "--steps", "25", "--images", "1,4", "--concurrency", "1", "--requests", "4",
+              "--rounds", "1", "--dtype", "fp16"]
+DRY_SERVE_LOAD = ["--size", "64", "--steps", "2", "--images", "1,2", "--concurrency", "1,2", "--requests", "2",
+                  "--rounds", "1"]
+SERVE_MAX_S = 240.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,8 @@ class Part:
     # ROW=N: fewer steps (per-step figures kept) or fewer repeats where a row would not fit.
     row_steps: tuple[str, ...] = ()
     row_repeats: tuple[str, ...] = ()
+    # benchmarks/serve_load.py at the seed's size and steps, one and four images a request, before the rows.
+    serve: bool = False
 
 
 PARTS = {
@@ -48,7 +58,7 @@ PARTS = {
             rows=("encoder", "fp16-sdpa", "tiny-vae-slicing", "group-offload-tiny", "monolith")),
     # fast-autotune is left out: max-autotune's kernel search for the UNet alone outlasts a call.
     # The open targets first (the fastest row, with and without fp8), then the rest as the budget allows.
-    2: Part(tests=False, repeats=1,
+    2: Part(tests=False, repeats=1, serve=True,
             rows=("fast-compile-tiny-fp8", "fast-compile-tiny", "group-offload-tiny-layers", "compile",
                   "group-offload", "model-offload", "sequential-offload", "vae-slicing-sequential", "tiny-vae",
                   "vae-slicing", "bf16-sdpa", "fast", "fp16-classic", "fp32-classic", "fast-compile"),
@@ -92,24 +102,32 @@ class Suite:
     def left(self) -> float:
         return self.args.budget - (time.monotonic() - self.started)
 
-    def run(self, name: str, argv: list[str], log_to: Path | None = None) -> int:
-        """Run one step as a child process, its output streamed to the log; returns its exit code."""
+    def run(self, name: str, argv: list[str], log_to: Path | None = None, timeout_s: float | None = None) -> int:
+        """Run one step as a child process, its output streamed to the log; returns its exit code. Past
+        `timeout_s` its whole process group is killed (a server it started would hold the GPU otherwise)."""
         shown = [arg if len(arg) < 200 else "<script>" for arg in argv]
         self.log.line(f"\n== {name}: {' '.join(shown)}")
         began = time.monotonic()
         sink = log_to.open("w", encoding="utf-8") if log_to else None
         proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
+                                text=True, errors="replace", start_new_session=timeout_s is not None)
+        timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL)) if timeout_s else None
+        if timer:
+            timer.start()
         assert proc.stdout is not None
         for text in proc.stdout:
             self.log.line(text.rstrip("\n"))
             if sink:
                 sink.write(text)
         code = proc.wait()
+        if timer:
+            timer.cancel()
         if sink:
             sink.close()
         seconds = time.monotonic() - began
-        self.steps.append(Step(name, seconds, "ok" if code == 0 else f"exit {code}"))
+        timed_out = timeout_s is not None and code == -signal.SIGKILL and seconds >= timeout_s
+        self.steps.append(Step(name, seconds, f"timed out after {timeout_s:.0f} s" if timed_out else
+                               "ok" if code == 0 else f"exit {code}"))
         self.log.line(f"== {name}: exit {code} after {seconds:.1f} s")
         return code
 
@@ -216,6 +234,18 @@ class Suite:
                 if newest.with_suffix(suffix).is_file():
                     shutil.copy2(newest.with_suffix(suffix), self.out / newest.with_suffix(suffix).name)
 
+    def serve(self, model: Path | None) -> None:
+        """benchmarks/serve_load.py: requests/s and latency of `sdxl-split serve` on this GPU, against `render
+        --prompts` on the same work."""
+        limit = min(SERVE_MAX_S, self.left() - RESERVE_S - 60)  # a minute at least left to the bench rows
+        if limit < 90:
+            self.steps.append(Step("serve", 0.0, f"not started: {self.left():.0f} s of budget left"))
+            return
+        load = DRY_SERVE_LOAD if self.args.dry_run else SERVE_LOAD
+        model_name = "tiny" if model is None else str(model)
+        self.run("serve", [*self.python(), "benchmarks/serve_load.py", "--model", model_name, *load, "--device",
+                           self.args.device, "--out", str(self.out)], timeout_s=limit)
+
     def environment(self) -> None:
         if shutil.which("nvidia-smi"):
             self.run("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
@@ -234,7 +264,8 @@ class Suite:
                 lines.append(f"| {name} | {outcome} | {', '.join(f'{k}={v}' for k, v in props) or '—'} |")
         for table in sorted(self.out.glob("*.md")):
             if not table.name.startswith("suite-"):
-                lines += ["", f"## Bench ({table.name})", "", table.read_text()]
+                title = "Serve" if table.name.startswith("serve-load-") else "Bench"
+                lines += ["", f"## {title} ({table.name})", "", table.read_text()]
         path = self.out / f"suite-{self.label}.md"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -267,6 +298,8 @@ def main() -> int:
         model = suite.build_model()
         if (part.tests or args.dry_run) and not args.no_tests:
             suite.tests(model)
+        if part.serve:
+            suite.serve(model)
         suite.bench(part)
     finally:
         summary = suite.summary()
