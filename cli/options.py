@@ -63,14 +63,23 @@ class Encoding:
 
 def encoding_options(func):
     """Options that change the embeddings; `render --prompts` takes the same ones to find them."""
+    return _encoding_options(func, "plain", "every line that has none",
+                             " A JSONL `syntax` field overrides it per line;")
+
+
+def request_encoding_options(func):
+    """serve's: the same options, where prompts come in requests, which A1111's clients write in A1111's syntax."""
+    return _encoding_options(func, "a1111", "every request that sends none", "")
+
+
+def _encoding_options(func, syntax: str, negative_for: str, per_line: str):
     return apply_options(func, [
-        click.option("--negative-prompt", default=None, help="Negative prompt for every line that has none."),
-        click.option("--prompt-syntax", type=click.Choice(SYNTAXES), default="plain", show_default=True,
+        click.option("--negative-prompt", default=None, help=f"Negative prompt for {negative_for}."),
+        click.option("--prompt-syntax", type=click.Choice(SYNTAXES), default=syntax, show_default=True,
                      help="How prompts are read: plain (as diffusers: 77 tokens, no weights), a1111 (A1111's "
                           "(word:1.3), [word], BREAK, chunks past 77 tokens), comfy (the same syntax with "
                           "ComfyUI's weighting), compel (compel's word++, .and(), .blend(); needs the compel "
-                          "extra). A JSONL `syntax` field overrides it per line; `sdxl-split prompt explain` "
-                          "shows how a prompt compiles."),
+                          f"extra).{per_line} `sdxl-split prompt explain` shows how a prompt compiles."),
         click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
                      help="A LoRA for every prompt (repeatable): a .safetensors path, or a name under --lora-dir; "
                           "scale 1.0 unless given. Prompts add their own with <lora:NAME:SCALE> or a JSONL `loras` "

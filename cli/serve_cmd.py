@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sdxl_split.cli.common import check_device, notice, resolve
-from sdxl_split.cli.options import DEFAULT_ENDPOINT, Encoding, credits_option, encoding_options, threads_option
+from sdxl_split.cli.options import DEFAULT_ENDPOINT, Encoding, credits_option, request_encoding_options, threads_option
 from sdxl_split.cli.render_cmd import denoiser_spec
 from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
 from sdxl_split.shared.errors import UserError
@@ -34,7 +34,7 @@ from sdxl_split.shared.settings import GlobalOptions
               help="Encrypt and authenticate the denoisers with CurveZMQ: the encoder/ folder from `keys init`.")
 @credits_option()
 @threads_option()
-@encoding_options
+@request_encoding_options
 @lora_serving_options
 @render_options
 @click.pass_context
@@ -52,11 +52,9 @@ def serve(ctx: click.Context, host: str, port: int, denoisers: int, api_key: str
 
     \b
       sdxl-split serve --vae tiny --dtype fp16
-      curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a lighthouse at dusk"}'
+      curl -s localhost:7860/sdapi/v1/txt2img -H 'content-type: application/json' -d '{"prompt": "a lighthouse"}'
     """
     opts: GlobalOptions = ctx.obj
-    if ctx.get_parameter_source("prompt_syntax") == click.core.ParameterSource.DEFAULT:
-        kw["prompt_syntax"] = "a1111"
     encoding = Encoding.pop_from(kw)
     _warn_if_open(host, api_key)
     server, engine = _build(opts, ctx, encoding, kw, {"denoisers": denoisers, "bind": bind, "curve_dir": curve_dir,

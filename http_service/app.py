@@ -38,6 +38,18 @@ def _error(request: Request, status: int, message: str, field: str | None = None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _not_json(request: Request, err: RequestValidationError) -> str | None:
+    """What to say when the body was not sent as JSON (curl -d without a content type sends a form): the field
+    errors FastAPI finds then say nothing of the cause."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type or content_type == "application/json" or content_type.endswith("+json"):
+        return None
+    if not any(tuple(e.get("loc", ())) == ("body",) for e in err.errors()):
+        return None
+    return (f"the body must be JSON sent as Content-Type: application/json, not {content_type} "
+            "(curl: add -H 'content-type: application/json')")
+
+
 def _key_given(request: Request, key: str) -> bool:
     """`Authorization: Bearer KEY`, or HTTP Basic with KEY as the password (what A1111 clients can send)."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -79,6 +91,8 @@ def create_app(server: ServerState, health: Any) -> FastAPI:
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        if problem := _not_json(request, err):
+            return _error(request, 422, problem)
         first = err.errors()[0] if err.errors() else {"loc": ("body",), "msg": "invalid request"}
         field = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         if not _openai(request):

@@ -163,6 +163,12 @@ def test_bad_requests_get_422_with_the_field_and_the_server_keeps_serving(server
     assert openai_bad.status_code == 422 and openai_bad.json()["error"]["param"] == "size"
     garbage = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": "not base64!"}, timeout=60)
     assert garbage.status_code == 422 and "Traceback" not in garbage.text
+    # curl -d without a content type sends a form: the answer names the header to add
+    form = {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/x-www-form-urlencoded"}}
+    as_form = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60, **form)
+    assert as_form.status_code == 422 and "content-type: application/json" in as_form.json()["detail"]
+    openai_form = httpx.post(f"{server.url}/v1/images/generations", timeout=60, **form)
+    assert "content-type: application/json" in openai_form.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"
 
 
