@@ -54,12 +54,13 @@ def denoiser_loader(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> C
     return load
 
 
-# ---- the one seam where test faults (shared.faults) enter a denoiser: its output folder and its render function
+# ---- the one seam where test faults (shared.faults) enter a denoiser: its model load, output folder and render
 
 
 def renderer_for(spec: DenoiserSpec, meter: MemoryMeter, notice: Notice) -> Renderer:
     """A renderer writing into --out; the model loads on its first render."""
-    return Renderer(denoiser_loader(spec, meter, notice), spec.faults.wrap_output(OutputDir(spec.config.out_dir)))
+    return Renderer(spec.faults.wrap_load(denoiser_loader(spec, meter, notice)),
+                    spec.faults.wrap_output(OutputDir(spec.config.out_dir)))
 
 
 def reply_function(renderer: Renderer, spec: DenoiserSpec) -> Callable[[p.Job, JobControl | None], Reply]:

@@ -1,5 +1,5 @@
 """Faults that tests inject, in one frozen spec applied at one seam per side: the encoder's record hand-over, and
-the denoiser's render function and output folder. Nothing else in the code knows about them. Users never set
+the denoiser's model load, render function and output folder. Nothing else in the code knows about them. Users never set
 them: the CLI takes them only through the hidden `--fault NAME=VALUE` option."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class Faults:
     encode_delay_s: float = 0.0
     # Denoiser: seconds it sleeps before each render (a slow GPU).
     render_delay_s: float = 0.0
+    # Denoiser: seconds its model load takes longer (weights on a slow network disk).
+    load_delay_s: float = 0.0
     # Denoiser: its Nth render (1 = the first) never returns, as a stuck CUDA call would.
     hang_on_render: int = 0
     # Denoiser: after writing this many new images the process SIGKILLs itself, between two images of a job (a
@@ -51,6 +53,16 @@ class Faults:
             return render(job, *rest)
 
         return faulty
+
+    def wrap_load(self, load: Callable[[], R]) -> Callable[[], R]:
+        if not self.load_delay_s:
+            return load
+
+        def slow() -> R:
+            time.sleep(self.load_delay_s)
+            return load()
+
+        return slow
 
     def wrap_output(self, out: T) -> T:
         return _DyingOutput(out, self.kill_after_images) if self.kill_after_images else out  # type: ignore
