@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.infotext import parse_infotext
 from sdxl_split.http_service.samplers import UnknownSampler, sampler_items, scheduler_for, scheduler_items
-from sdxl_split.http_service.server_state import ServerState, b64, infotext, run_to_end, server_timing, state
+from sdxl_split.http_service.server_state import ServerState, b64, images_of, infotext, state
 from sdxl_split.shared.image_settings import SCHEDULERS
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -118,18 +118,9 @@ async def txt2img(body: Txt2ImgRequest, request: Request, response: Response) ->
     server = state(request)
     ask = ask_of(body, server)
     tracker = server.broker.start(lambda request_id: ask.generation(request_id, server.settings.defaults.syntax))
-    await run_to_end(server, tracker, request)
-    images = [png for _, png in tracker.images()]
-    failures = [job.failed for job in tracker.jobs if job.failed]
-    if failures and not images:
-        raise RenderFailed(failures[0])
-    response.headers["Server-Timing"] = server_timing(tracker)
+    images = await images_of(server, tracker, request, response)
     return {"images": [b64(png) for png in images] if body.send_images else [],
             "parameters": body.model_dump(), "info": json.dumps(_info(ask, server, [infotext(png) for png in images]))}
-
-
-class RenderFailed(Exception):
-    """Every job of a request failed on the denoisers (after their retries); answered 500 with the reason."""
 
 
 @router.get("/progress")

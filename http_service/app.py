@@ -13,11 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from sdxl_split.http_service import a1111_api, openai_api
-from sdxl_split.http_service.a1111_api import RenderFailed
 from sdxl_split.http_service.asks import FieldProblem
 from sdxl_split.http_service.broker import GenerationFailed, QueueFull
 from sdxl_split.http_service.engine import EngineDown
-from sdxl_split.http_service.server_state import ServerState
+from sdxl_split.http_service.server_state import RenderFailed, ServerState
 
 OPEN_PATHS = ("/health",)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.broker import Tracker
-from sdxl_split.http_service.server_state import ServerState, b64, run_to_end, server_timing, state
+from sdxl_split.http_service.server_state import ServerState, b64, images_of, run_to_end, state
 
 router = APIRouter(prefix="/v1")
 MAX_N = 10
@@ -89,14 +89,7 @@ async def generations(body: ImagesRequest, request: Request,
     if body.stream:
         return StreamingResponse(_events(server, tracker, ask, body.partial_images or 0, request),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    await run_to_end(server, tracker, request)
-    images = [png for _, png in tracker.images()]
-    failures = [job.failed for job in tracker.jobs if job.failed]
-    if failures and not images:
-        from sdxl_split.http_service.a1111_api import RenderFailed
-
-        raise RenderFailed(failures[0])
-    response.headers["Server-Timing"] = server_timing(tracker)
+    images = await images_of(server, tracker, request, response)
     return {"created": int(time.time()), "data": [{"b64_json": b64(png), "revised_prompt": None} for png in images],
             "output_format": "png", "size": _size_text(ask)}
 

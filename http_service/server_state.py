@@ -9,7 +9,7 @@ import io
 import time
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import Request, Response
 from PIL import Image
 
 from sdxl_split.http_service.asks import Defaults
@@ -68,6 +68,22 @@ async def run_to_end(server: ServerState, tracker: Tracker, request: Request, wa
     finally:
         gone.cancel()
         server.broker.end(tracker)
+
+
+class RenderFailed(Exception):
+    """Every job of a request failed on the denoisers (after their retries); answered 500 with the reason."""
+
+
+async def images_of(server: ServerState, tracker: Tracker, request: Request, response: Response) -> list[bytes]:
+    """Wait for a request to end (cancelled if its client leaves): its PNGs, in order, with the Server-Timing
+    header set; RenderFailed when every job failed."""
+    await run_to_end(server, tracker, request)
+    images = [png for _, png in tracker.images()]
+    failures = [job.failed for job in tracker.jobs if job.failed]
+    if failures and not images:
+        raise RenderFailed(failures[0])
+    response.headers["Server-Timing"] = server_timing(tracker)
+    return images
 
 
 def b64(data: bytes) -> str:
