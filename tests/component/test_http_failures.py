@@ -1,0 +1,70 @@
+"""The HTTP front over an engine whose denoisers fail every job (after their retries): each API answers 500 in
+its own error shape, with the denoisers' reason, and the server keeps serving. In-process (FastAPI's test
+client), with an engine that fails each job as it arrives."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sdxl_split.encoder_service.serve_loop import Generation, GenerationListener
+from sdxl_split.http_service.app import create_app
+from sdxl_split.http_service.asks import Defaults
+from sdxl_split.http_service.broker import Broker
+from sdxl_split.http_service.server_state import ModelInfo, ServerSettings, ServerState
+
+REASON = "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+class FailingEngine:
+    """Every job of every request fails, as a dead-lettered job does; what it was asked is kept."""
+
+    def __init__(self) -> None:
+        self.generations: list[Generation] = []
+
+    def submit(self, generation: Generation, listener: GenerationListener) -> None:
+        self.generations.append(generation)
+        for index in range(len(generation.entries)):
+            listener.job_failed(index, REASON)
+
+    def cancel(self, request_id: str, reason: str, indexes: tuple[int, ...] | None = None) -> None:
+        pass
+
+    def denoisers(self) -> int:
+        return 1
+
+    def health(self) -> dict:
+        return {"status": "ok", "denoisers": 1}
+
+
+@pytest.fixture()
+def client() -> TestClient:
+    engine = FailingEngine()
+    defaults = Defaults(width=64, height=64, steps=2, guidance=5.0, scheduler="euler", syntax="a1111",
+                        preview_every=0)
+    settings = ServerSettings(defaults=defaults, model=ModelInfo("tiny", "0123456789"), max_queue=4, version="test")
+    app = create_app(ServerState(settings, Broker(engine, max_queue=4)), engine.health)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def test_a_request_whose_every_job_failed_is_a_500_with_the_reason_in_each_api(client: TestClient) -> None:
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "n_iter": 2})
+    assert a1111.status_code == 500 and REASON in a1111.json()["detail"], a1111.text
+    openai = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64"})
+    assert openai.status_code == 500, openai.text
+    error = openai.json()["error"]
+    assert REASON in error["message"] and error["type"] == "render_failed"
+    assert "Traceback" not in a1111.text + openai.text
+    # nothing is held for the failed requests, and the server goes on answering
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["requests"] == 0
+
+
+def test_the_real_openai_client_raises_its_server_error_with_the_reason(client: TestClient) -> None:
+    import openai
+
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
+    with pytest.raises(openai.InternalServerError) as failed:
+        sdk.images.generate(prompt="a fox", size="64x64")
+    assert failed.value.status_code == 500 and REASON in str(failed.value)
