@@ -5,7 +5,7 @@ derived from the embedding key, the seed and count, the model and every pixel-de
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
@@ -13,7 +13,7 @@ from sdxl_split.denoiser_service.outputs import ImageMeta
 from sdxl_split.shared.errors import JobError
 from sdxl_split.shared.jobs import image_filename, image_id, render_id
 from sdxl_split.shared.loras import LoraUse
-from sdxl_split.shared.prompts import RANDOM_SEED, PromptEntry, seed_range_problem, with_random_seeds
+from sdxl_split.shared.prompts import RANDOM_SEED, PromptEntry, random_seed, seed_range_problem
 
 if TYPE_CHECKING:
     from sdxl_split.shared.embeddings import Embeddings
@@ -74,7 +74,7 @@ def batch_files(key: str, entry: PromptEntry, config: RenderConfig, model: Model
     embedding key alone, so finished work can be found before anything is encoded."""
     seed = entry.seed if entry.seed is not None else config.seed
     if seed == RANDOM_SEED:  # a job from an encoder that left the seed to a denoiser started with --seed -1
-        seed = with_random_seeds((replace(entry, seed=RANDOM_SEED),))[0].seed
+        seed = random_seed()
     count = entry.count if entry.count is not None else config.images_per_prompt
     if problem := seed_range_problem(seed, count):
         raise JobError(problem)

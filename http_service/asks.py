@@ -3,8 +3,7 @@ turned into the engine's Generation: one job per batch, image i of the request a
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sdxl_split.encoder_service.serve_loop import Generation
 from sdxl_split.shared.image_settings import (
@@ -17,10 +16,16 @@ from sdxl_split.shared.image_settings import (
     side_problem,
     steps_problem,
 )
-from sdxl_split.shared.prompts import MAX_COUNT, MAX_SEED, MAX_TEXT_CHARS, PromptEntry, seed_range_problem
+from sdxl_split.shared.prompts import (
+    MAX_COUNT,
+    MAX_SEED,
+    MAX_TEXT_CHARS,
+    RANDOM_SEED,
+    PromptEntry,
+    random_seed,
+    seed_range_problem,
+)
 
-# A1111 and OpenAI clients both mean "any seed" by -1; A1111 draws below this bound.
-_RANDOM_BELOW = 4294967294
 MAX_IMAGES_PER_REQUEST = MAX_COUNT
 MAX_CLIP_SKIP = 12
 
@@ -58,7 +63,6 @@ class Ask:
     settings: JobSettings
     clip_skip: int | None = None
     preview_every: int = 0
-    fields_named: dict[str, str] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -115,7 +119,7 @@ def check_ask(fields: dict, defaults: Defaults, names: dict[str, str]) -> Ask:
                                                              f"{MAX_IMAGES_PER_REQUEST}")
     _check(batch_problem(width, height, batch), named.get("batch_size", "batch_size"))
     seed = fields.get("seed")
-    seed = random.SystemRandom().randrange(_RANDOM_BELOW) if seed is None or seed == -1 else seed
+    seed = random_seed() if seed is None or seed == RANDOM_SEED else seed  # -1: any seed, to A1111 and OpenAI
     if not 0 <= seed <= MAX_SEED:
         raise FieldProblem(named.get("seed", "seed"), f"seed {seed} must be -1 (random) or from 0 to {MAX_SEED}")
     _check(seed_range_problem(seed, batch * batches), named.get("seed", "seed"))

@@ -30,11 +30,15 @@ RANDOM_SEED = -1
 _RANDOM_SEEDS_BELOW = 4294967294
 
 
+def random_seed() -> int:
+    """A seed for one that asked for -1, drawn as A1111 draws it."""
+    return random.SystemRandom().randrange(_RANDOM_SEEDS_BELOW)
+
+
 def with_random_seeds(entries: tuple[PromptEntry, ...], default_seed: int = 0) -> tuple[PromptEntry, ...]:
     """Entries whose seed is -1 (or unset, under a default of -1) get a random seed each, drawn once, here: the
     encoder, the denoisers, the PNG and the manifest then all know the same seed."""
-    draw = random.SystemRandom()
-    return tuple(replace(e, seed=draw.randrange(_RANDOM_SEEDS_BELOW))
+    return tuple(replace(e, seed=random_seed())
                  if e.seed == RANDOM_SEED or (e.seed is None and default_seed == RANDOM_SEED) else e for e in entries)
 
 
