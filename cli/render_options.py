@@ -15,7 +15,6 @@ from sdxl_split.denoiser_service.config import (
     DEFAULT_OFFLOAD_GROUP_MIB,
     OFFLOAD,
     QUANTIZE,
-    SCHEDULERS,
     VAE_KINDS,
     RenderConfig,
     check_image,
@@ -23,6 +22,7 @@ from sdxl_split.denoiser_service.config import (
     validate,
 )
 from sdxl_split.shared.devices import local_cuda_devices
+from sdxl_split.shared.image_settings import SCHEDULERS
 
 
 def lora_serving_options(func):

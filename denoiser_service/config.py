@@ -7,11 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_split.shared.errors import UserError
-from sdxl_split.shared.image_settings import (  # noqa: F401  (SCHEDULERS and the bounds: the CLI's, too)
-    MAX_BATCH_PIXELS,
-    MAX_GUIDANCE,
-    MAX_SIDE,
-    SCHEDULERS,
+from sdxl_split.shared.image_settings import (
     batch_problem,
     guidance_problem,
     scheduler_problem,

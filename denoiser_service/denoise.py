@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.errors import JobError
+from sdxl_split.shared.image_settings import SCHEDULERS
 from sdxl_split.shared.memory import MemoryMeter
 
 if TYPE_CHECKING:  # diffusers is imported by whoever loads the pipeline, not by every CLI start-up

@@ -35,6 +35,5 @@ class JobControl:
         self.last_step = (step, steps)
         if self.cancelled.is_set():
             raise JobCancelled("cancelled by the encoder")
-        if self.reports:
-            self._send(p.Progress(job_id=self.job.job_id, attempt=self.job.attempt, step=step, steps=steps,
-                                  preview=preview))
+        self._send(p.Progress(job_id=self.job.job_id, attempt=self.job.attempt, step=step, steps=steps,
+                              preview=preview))

@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sdxl_split.denoiser_service.config import SCHEDULERS, RenderConfig
+from sdxl_split.denoiser_service.config import RenderConfig
 from sdxl_split.denoiser_service.outputs import ImageMeta
 from sdxl_split.shared.errors import JobError
+from sdxl_split.shared.image_settings import SCHEDULERS
 from sdxl_split.shared.jobs import image_filename, image_id, render_id
 from sdxl_split.shared.loras import LoraUse
 from sdxl_split.shared.prompts import RANDOM_SEED, PromptEntry, random_seed, seed_range_problem

@@ -7,14 +7,13 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl_split.shared.atomic import append_line, atomic_write_bytes
-from sdxl_split.shared.digests import sha256_of
 
 MANIFEST = "manifest.jsonl"
 CONFIG_CHUNK = "sdxl-split"
@@ -79,6 +78,7 @@ class WrittenImage:
     path: Path
     sha256: str
     existed: bool
+    data: bytes = field(default=b"", repr=False, compare=False)  # the PNG file's bytes
 
 
 class OutputDir:
@@ -120,9 +120,10 @@ class OutputDir:
     def adopt(self, filename: str, meta: ImageMeta) -> WrittenImage:
         """An image a previous run finished: keep it, and make sure the manifest lists it."""
         path = self.root / filename
-        digest = sha256_of(path)
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         self.record(filename, digest, meta)
-        return WrittenImage(path=path, sha256=digest, existed=True)
+        return WrittenImage(path=path, sha256=digest, existed=True, data=data)
 
     def write(self, filename: str, image: Image.Image, meta: ImageMeta) -> WrittenImage:
         if self.exists(filename):
@@ -131,7 +132,7 @@ class OutputDir:
         atomic_write_bytes(self.root / filename, data)
         digest = hashlib.sha256(data).hexdigest()
         self.record(filename, digest, meta)
-        return WrittenImage(path=self.root / filename, sha256=digest, existed=False)
+        return WrittenImage(path=self.root / filename, sha256=digest, existed=False, data=data)
 
     def record(self, filename: str, digest: str, meta: ImageMeta) -> None:
         """List the image in manifest.jsonl once, even with several processes writing into this folder."""

@@ -92,14 +92,14 @@ def job_reply(renderer: Renderer, spec: DenoiserSpec, job: p.Job, control: JobCo
                                             "denoiser or a re-run"))
     return p.Done(job_id=job.job_id, attempt=job.attempt, seconds=time.perf_counter() - started,
                   images=tuple(p.ImageDone(file=w.path.name, sha256=w.sha256) for w in written),
-                  image_bytes=tuple(w.path.read_bytes() for w in written) if job.options.return_images else ())
+                  image_bytes=tuple(w.data for w in written) if job.options.return_images else ())
 
 
 def _step_reporter(control: JobControl, renderer: Renderer, spec: DenoiserSpec):
     """After each step: stop if the job was cancelled, else report the step, with a preview when one is due."""
     def on_step(step: int, steps: int, latents) -> None:
-        preview = previews_for(renderer, spec).png(latents) if control.preview_due(step, steps) else b""
-        control.step(step, steps, preview)
+        due = control.preview_due(step, steps) and not control.cancelled.is_set()  # a stopping job needs none
+        control.step(step, steps, previews_for(renderer, spec).png(latents) if due else b"")
 
     return on_step
 
@@ -108,7 +108,7 @@ def previews_for(renderer: Renderer, spec: DenoiserSpec):
     """The renderer's preview decoder, made on the first preview (it may load the tiny VAE)."""
     from sdxl_split.denoiser_service.previews import Previews
 
-    if getattr(renderer, "previews", None) is None:
+    if renderer.previews is None:
         renderer.previews = Previews(renderer.denoiser.pipe.vae, lambda: _tiny_vae(spec, renderer.denoiser))
     return renderer.previews
 

@@ -129,8 +129,8 @@ class JobTable:
         blame_jobs = not orderly and (worker.finished_jobs > 0 or not self.workers)
         lost = 0
         for job_id in sorted(worker.inflight):
-            job = self.jobs[job_id]
-            if job.state is JobState.DISPATCHED and job.worker == identity:
+            job = self.jobs.get(job_id)  # None: cancelled and forgotten while this denoiser still held it
+            if job is not None and job.state is JobState.DISPATCHED and job.worker == identity:
                 lost += 1
                 if blame_jobs:
                     job.lost_on.add(worker.key)

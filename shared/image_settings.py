@@ -87,10 +87,6 @@ class JobSettings:
         """`defaults` (a RenderConfig, or anything with these fields) with the settings this job chose."""
         return replace(defaults, **{name: value for name, value in self.as_dict().items() if value is not None})
 
-    @property
-    def empty(self) -> bool:
-        return all(value is None for value in self.as_dict().values())
-
 
 @dataclass(frozen=True)
 class JobOptions:

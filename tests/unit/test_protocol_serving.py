@@ -68,3 +68,16 @@ def test_a_cancelled_job_leaves_the_queue_or_its_denoiser_and_a_late_report_only
     assert not table.fail(b"a", "job0", 1, "cancelled by the encoder") and table.workers[b"a"].credits == 1
     table.forget("job0")
     assert "job0" not in table.jobs
+
+
+def test_a_denoiser_lost_while_holding_a_cancelled_and_forgotten_job_is_no_error() -> None:
+    """The serve loop forgets a cancelled job at once; the denoiser that held it may die before it answers."""
+    table = JobTable(3, log=lambda *a, **k: None, report=lambda m: None)
+    table.add("job0", PromptEntry(line=1, prompt="p"), "key0")
+    table.attach(b"a", "a", credits=1, now=0.0)
+    job, worker = table.pick()
+    table.sent(job, worker, now=0.0)
+    table.cancel("job0")
+    table.forget("job0")
+    table.lose(b"a", "denoiser a died")
+    assert "job0" not in table.jobs and not table.queue and b"a" not in table.workers
