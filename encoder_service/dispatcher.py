@@ -46,13 +46,13 @@ class Dispatcher:
 
     def __init__(self, config: LinkConfig, journal: Journal, fetch: Fetch,
                  report: Callable[[str], None] = log.warning,
-                 on_event: Callable[[str, str, dict], None] = lambda name, job_id, fields: None,
-                 watcher: JobWatcher | None = None) -> None:
+                 on_event: Callable[[str, str, dict], None] = lambda name, job_id, fields: None) -> None:
         self.config = config
         self.journal = journal
         self.fetch = fetch
         self.report = report
-        self.watcher = watcher or JobWatcher()
+        # What the serve loop hears of its jobs; it sets itself here (a prompt file's loop needs none).
+        self.watcher = JobWatcher()
 
         def record(event: str, job_id: str, **fields) -> None:
             journal.log(event, job_id, **fields)

@@ -61,7 +61,6 @@ class _Request:
     jobs: set[str]
     # Jobs not yet done or failed; the request is forgotten when none is left.
     unfinished: int = 0
-    cancelled: bool = False
 
 
 class ServeLoop(JobWatcher):
@@ -113,15 +112,16 @@ class ServeLoop(JobWatcher):
 
     def _handle(self, items: list) -> None:
         for item in items:
-            request = self._requests.get(item.tag) if not isinstance(item, ModelThreadFailed) else None
             if isinstance(item, ModelThreadFailed):
                 raise item.error
-            if request is None or request.cancelled:
+            request = self._requests.get(item.tag)
+            if request is None:
                 continue
             if isinstance(item, JobReady):
                 self._queue(request, item)
             elif isinstance(item, RequestFailed):
-                self._requests.pop(item.tag)
+                # Jobs it already queued (prompts found in the cache before the one that failed) stop too.
+                self._cancel(item.tag, item.reason, None)
                 request.listener.failed(item.reason)
         if any(isinstance(item, JobReady) for item in items):
             self.dispatcher.pump(0)  # hand the new jobs out now
@@ -132,7 +132,9 @@ class ServeLoop(JobWatcher):
                             options.settings.as_dict())
         table = self.dispatcher.table
         if job_id not in self._waiters:
-            table.forget(job_id)  # the same job, asked for again after it ended: its images are found, not redone
+            # Asked for again after it ended (its denoiser then finds its images in --out): every end forgets a job,
+            # and one left over would read as a duplicate to add() and leave this request waiting.
+            table.forget(job_id)
             self.dispatcher.add(job_id, ready.entry, ready.embedding_key, ready.loras, options)
         self._waiters.setdefault(job_id, []).append((request.generation.request_id, ready.entry.line - 1))
         request.jobs.add(job_id)
@@ -143,7 +145,6 @@ class ServeLoop(JobWatcher):
             return
         if indexes is None:
             self._requests.pop(request_id)
-            request.cancelled = True
         for job_id in list(request.jobs):
             mine = [waiter for waiter in self._waiters.get(job_id, [])
                     if waiter[0] == request_id and (indexes is None or waiter[1] in indexes)]
