@@ -5,24 +5,28 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import zmq
 
-from sdxl_split.encoder_service.config import EncodeConfig
+from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
 from sdxl_split.encoder_service.dispatcher import Dispatcher
 from sdxl_split.encoder_service.encode_loop import EncodeContext
 from sdxl_split.encoder_service.encoder_loop import EncoderLoop
-from sdxl_split.encoder_service.journal import Journal
+from sdxl_split.encoder_service.journal import Journal, NoJournal
 from sdxl_split.encoder_service.model_thread import EncoderModelThread
 from sdxl_split.encoder_service.spec import EncodeSpec
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import Bad, EmbeddingCache, Hit
 from sdxl_split.shared.embeddings import Embeddings
+from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
 from sdxl_split.shared.models.resolve import ModelSource, text_widths
-from sdxl_split.shared.wakeup import watch_stop
+from sdxl_split.shared.prompt_extras import ExtrasSpec
+from sdxl_split.shared.wakeup import Wakeup, watch_stop
 
 Notice = Callable[[str], None]
 Event = Callable[[str, str, dict], None]
@@ -50,6 +54,38 @@ def text_side_loader(source: ModelSource, config: EncodeConfig, inversions: tupl
     return load
 
 
+def bind_dispatcher(link: LinkConfig, journal: Journal | NoJournal, cache: EmbeddingCache, meter: MemoryMeter,
+                    notice: Notice, on_event: Event = lambda name, job, fields: None) -> Dispatcher:
+    """The encoder's ROUTER socket, bound; an endpoint another process holds is one line naming it."""
+    try:
+        return Dispatcher(link, journal, cache_fetch(cache), report=notice, on_event=on_event)
+    except zmq.ZMQError as err:
+        meter.close()
+        raise UserError(f"cannot listen for denoisers on {link.endpoint} ({err.strerror}); is another encoder or "
+                        "server running? pass --bind with another endpoint") from None
+
+
+class TextSideSpec(Protocol):
+    """What the text side's thread needs of a spec: EncodeSpec's, or the HTTP server's EngineSpec's."""
+
+    source: ModelSource
+    settings: EncodingSettings
+    cache_dir: Path
+    extras: ExtrasSpec
+
+
+def start_model_thread(spec: TextSideSpec, config: EncodeConfig, cache: EmbeddingCache, meter: MemoryMeter,
+                       wakeup: Wakeup, notice: Notice, after_record: Callable[[], None] = lambda: None,
+                       ) -> EncoderModelThread:
+    """The text side's thread for an encoder (a prompt file's, or the HTTP server's): it loads the text encoders on
+    the first cache miss and hands each record to the loop that `wakeup` wakes."""
+    extras = spec.extras.resolver(spec.cache_dir)
+    context = EncodeContext(spec.settings, cache, meter, batch_size=config.batch_size, widths=text_widths(spec.source),
+                            extras_of=extras.resolve, warn=lambda message: notice(f"warning: {message}"))
+    return EncoderModelThread(context, text_side_loader(spec.source, config, extras.inversions, notice), wakeup,
+                              threads=config.threads, after_record=after_record)
+
+
 def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
                 on_progress: Callable[[int], None] = lambda n: None,
                 on_bound: Callable[[], None] = lambda: None, on_event: Event = lambda name, job, fields: None) -> dict:
@@ -57,20 +93,11 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     cache = EmbeddingCache(spec.cache_dir / "embeddings")
     journal = Journal(spec.journal_path)
     meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
-    try:
-        dispatcher = Dispatcher(spec.link, journal, cache_fetch(cache), report=notice, on_event=on_event)
-    except zmq.ZMQError as err:
-        meter.close()
-        raise UserError(f"cannot listen on {spec.link.endpoint} ({err.strerror}); is another encoder running? "
-                        "pass --bind with another endpoint") from None
+    dispatcher = bind_dispatcher(spec.link, journal, cache, meter, notice, on_event)
     watch_stop(stop, dispatcher.wakeup)
     on_bound()
-    extras = spec.extras.resolver(spec.cache_dir)
-    context = EncodeContext(spec.settings, cache, meter, batch_size=spec.config.batch_size,
-                            widths=text_widths(spec.source), extras_of=extras.resolve,
-                            warn=lambda message: notice(f"warning: {message}"))
-    model = EncoderModelThread(context, text_side_loader(spec.source, spec.config, extras.inversions, notice),
-                               dispatcher.wakeup, threads=spec.config.threads, after_record=spec.faults.after_record())
+    model = start_model_thread(spec, spec.config, cache, meter, dispatcher.wakeup, notice,
+                               spec.faults.after_record())
     crashed: BaseException | None = None
     try:
         outcome = EncoderLoop(dispatcher, model, on_progress).run_file(list(spec.entries), spec.wait_s, stop)

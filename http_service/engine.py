@@ -9,23 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import zmq
-
 from sdxl_split.denoiser_service.spec import ServeSpec
 from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
-from sdxl_split.encoder_service.dispatcher import Dispatcher
-from sdxl_split.encoder_service.encode_loop import EncodeContext
 from sdxl_split.encoder_service.journal import NoJournal
-from sdxl_split.encoder_service.model_thread import EncoderModelThread
 from sdxl_split.encoder_service.serve_loop import Generation, GenerationListener, ServeLoop
-from sdxl_split.encoder_service.service import cache_fetch, text_side_loader
+from sdxl_split.encoder_service.service import bind_dispatcher, start_model_thread
 from sdxl_split.shared import specs
 from sdxl_split.shared.devices import cuda_index
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.encoding_settings import EncodingSettings
-from sdxl_split.shared.errors import UserError
 from sdxl_split.shared.memory import MemoryMeter
-from sdxl_split.shared.models.resolve import ModelSource, text_widths
+from sdxl_split.shared.models.resolve import ModelSource
 from sdxl_split.shared.processes import Child, spawn_child, wait_for_exit
 from sdxl_split.shared.prompt_extras import ExtrasSpec
 
@@ -61,17 +55,8 @@ class Engine:
         self._children: list[Child] = []
         self._meter = MemoryMeter(cuda_device=cuda_index(spec.encoder.device))
         cache = EmbeddingCache(spec.cache_dir / "embeddings")
-        try:
-            self.dispatcher = Dispatcher(spec.link, NoJournal(), cache_fetch(cache), report=notice)
-        except zmq.ZMQError as err:
-            self._meter.close()
-            raise UserError(f"cannot listen for denoisers on {spec.link.endpoint} ({err.strerror}); is another "
-                            "encoder or server running? pass --bind with another endpoint") from None
-        extras = spec.extras.resolver(spec.cache_dir)
-        context = EncodeContext(spec.settings, cache, self._meter, widths=text_widths(spec.source),
-                                extras_of=extras.resolve, warn=lambda message: notice(f"warning: {message}"))
-        self.model = EncoderModelThread(context, text_side_loader(spec.source, spec.encoder, extras.inversions, notice),
-                                        self.dispatcher.wakeup, threads=spec.encoder.threads)
+        self.dispatcher = bind_dispatcher(spec.link, NoJournal(), cache, self._meter, notice)
+        self.model = start_model_thread(spec, spec.encoder, cache, self._meter, self.dispatcher.wakeup, notice)
         self.loop = ServeLoop(self.dispatcher, self.model, spec.settings)
         self._thread = threading.Thread(target=self._serve, name="serve-loop", daemon=True)
 
