@@ -109,10 +109,18 @@ def empty_chunk(chunker: Chunker) -> Chunk:
     return chunker._wrap([], "end", 0)
 
 
-def layout(chunker: Chunker, syntax: str, text: str) -> list[Chunk]:
-    """The chunks of `text` under an a1111 or comfy syntax."""
+def parsed(syntax: str, text: str) -> tuple[list, list[str]]:
+    """(pieces, notes) of `text` under an a1111 or comfy syntax."""
     from sdxl_split.encoder_service import comfy_syntax, prompt_syntax
 
-    if syntax == "comfy":
-        return chunker.comfy_chunks(comfy_syntax.parse(text))
-    return chunker.chunks(prompt_syntax.parse(text))
+    return (comfy_syntax if syntax == "comfy" else prompt_syntax).parse_with_notes(text)
+
+
+def chunked(chunker: Chunker, syntax: str, pieces: list) -> list[Chunk]:
+    """The chunks of parsed pieces: ComfyUI cuts them its own way."""
+    return chunker.comfy_chunks(pieces) if syntax == "comfy" else chunker.chunks(pieces)
+
+
+def layout(chunker: Chunker, syntax: str, text: str) -> list[Chunk]:
+    """The chunks of `text` under an a1111 or comfy syntax."""
+    return chunked(chunker, syntax, parsed(syntax, text)[0])

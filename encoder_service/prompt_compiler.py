@@ -29,10 +29,6 @@ class PromptCompiler:
         self.encoders = [(Chunker(pipe.tokenizer), pipe.text_encoder), (Chunker(pipe.tokenizer_2), pipe.text_encoder_2)]
         self._empty: list[torch.Tensor] | None = None
 
-    def layout(self, text: str, syntax: str = "a1111") -> list[Chunk]:
-        """The chunks of `text` (the same for both tokenizers: they share CLIP's vocabulary)."""
-        return layout(self.encoders[0][0], syntax, text)
-
     def _run(self, encoder, chunk: Chunk, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([chunk.ids], device=self.device)
         out = encoder(ids, output_hidden_states=True)

@@ -4,8 +4,8 @@ the prompt differently from the tool the syntax comes from."""
 
 from __future__ import annotations
 
-from sdxl_split.encoder_service import comfy_syntax, prompt_syntax
-from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunk, Chunker
+from sdxl_split.encoder_service import prompt_syntax
+from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunk, Chunker, chunked, parsed
 from sdxl_split.shared.encoding_settings import MAX_CHUNKS
 
 _ENDED = {"full": "full", "comma": "moved back to a comma", "BREAK": "BREAK", "end": "end of the prompt",
@@ -30,9 +30,8 @@ def explain(text: str, syntax: str, tokenizer) -> dict:
         if prompt_syntax.has_syntax(text):
             notes.append("plain reads brackets, weights and BREAK as words; --prompt-syntax a1111 applies them")
     else:
-        module = comfy_syntax if syntax == "comfy" else prompt_syntax
-        pieces, notes = module.parse_with_notes(text)
-        chunks = chunker.comfy_chunks(pieces) if syntax == "comfy" else chunker.chunks(pieces)
+        pieces, notes = parsed(syntax, text)
+        chunks = chunked(chunker, syntax, pieces)
     if len(chunks) > MAX_CHUNKS:
         notes.append(f"{len(chunks)} chunks: more than the {MAX_CHUNKS} a prompt may compile to; shorten it")
     return {"syntax": syntax, "text": text, "notes": notes,
