@@ -61,6 +61,17 @@ def check_endpoint(endpoint: str, flag: str) -> str:
     return endpoint
 
 
+def check_bind(bind: str, curve_dir) -> str:
+    """An encoder's --bind: a ZeroMQ endpoint, and a warning when other hosts can reach it unencrypted."""
+    from sdxl_split.shared.security import is_loopback
+
+    check_endpoint(bind, "--bind")
+    if curve_dir is None and not is_loopback(bind):
+        notice(f"warning: {bind} is reachable from other hosts and --curve is off: anyone who can reach it "
+               "gets your prompts and can feed back results; see `sdxl-split keys init`")
+    return bind
+
+
 def default_dtype(device: str, dtype: str | None) -> str:
     """fp32 on the CPU (bf16 there is many times slower), fp16 on GPUs."""
     return dtype or ("fp32" if device == "cpu" else "fp16")

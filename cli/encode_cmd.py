@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdxl_split.cli.common import check_device, check_endpoint, notice, print_json, read_prompts, resolve
+from sdxl_split.cli.common import check_bind, check_device, print_json, read_prompts, resolve
 from sdxl_split.cli.options import (
     Encoding,
     PromptInput,
@@ -81,16 +81,12 @@ def encode_spec(opts: GlobalOptions, prompts: PromptInput, encoding: Encoding, b
     from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
     from sdxl_split.encoder_service.spec import EncodeSpec
     from sdxl_split.shared.faults import Faults
-    from sdxl_split.shared.security import is_loopback
 
     prompt_file = read_prompts(opts, prompts, encoding, default_seed)
     device = check_device(encoding.encoder_device, "--encoder-device")
     config = EncodeConfig(device=device, dtype=encoding.dtype, clip_skip=encoding.clip_skip, batch_size=batch_size,
                           threads=threads)
-    check_endpoint(bind, "--bind")
-    if curve_dir is None and not is_loopback(bind):
-        notice(f"warning: {bind} is reachable from other hosts and --curve is off: anyone who can reach it "
-               "gets your prompts and can feed back results; see `sdxl-split keys init`")
+    check_bind(bind, curve_dir)
     source = resolve(opts)
     return EncodeSpec(
         prompts_path=prompt_file.path, prompts_identity=prompt_file.identity, entries=prompt_file.entries,

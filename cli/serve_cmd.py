@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdxl_split.cli.common import check_device, notice, resolve
+from sdxl_split.cli.common import check_bind, check_device, notice, resolve
 from sdxl_split.cli.options import DEFAULT_ENDPOINT, Encoding, credits_option, request_encoding_options, threads_option
 from sdxl_split.cli.render_cmd import denoiser_spec
 from sdxl_split.cli.render_options import lora_serving_options, render_config_from, render_options
@@ -57,7 +57,8 @@ def serve(ctx: click.Context, host: str, port: int, denoisers: int, api_key: str
     opts: GlobalOptions = ctx.obj
     encoding = Encoding.pop_from(kw)
     _warn_if_open(host, api_key)
-    server, engine = _build(opts, ctx, encoding, kw, {"denoisers": denoisers, "bind": bind, "curve_dir": curve_dir,
+    check_bind(bind, curve_dir)
+    server, engine = _build(opts, encoding, kw, {"denoisers": denoisers, "bind": bind, "curve_dir": curve_dir,
                                                      "credits": credits, "threads": threads, "api_key": api_key,
                                                      "max_queue": max_queue, "preview_every": preview_every})
     _run(server, engine, host, port)
@@ -70,9 +71,9 @@ def _warn_if_open(host: str, api_key: str | None) -> None:
         notice(f"warning: listening on {host} without --api-key: anyone who can reach it can use your GPUs")
 
 
-def _build(opts: GlobalOptions, ctx: click.Context, encoding: Encoding, kw: dict, options: dict):
+def _build(opts: GlobalOptions, encoding: Encoding, kw: dict, options: dict):
     """The engine (encoder, local denoisers) and the HTTP server's state, from the options."""
-    from sdxl_split.denoiser_service.spec import ServeSpec, model_identity
+    from sdxl_split.denoiser_service.spec import ServeSpec
     from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
     from sdxl_split.http_service.asks import Defaults
     from sdxl_split.http_service.broker import Broker
@@ -95,9 +96,10 @@ def _build(opts: GlobalOptions, ctx: click.Context, encoding: Encoding, kw: dict
         denoiser=ServeSpec(denoiser=denoiser, endpoint=options["bind"], credits=options["credits"]),
         denoisers=options["denoisers"], verbosity=opts.verbosity)
     engine = Engine(spec, notice)
-    identity = model_identity(source, opts.cache_dir)
+    identity = denoiser.identity
+    # A single file's full sha256 (its first 10 digits are identity.hash; memoised, so read once).
     sha = file_sha256(Path(source.location), opts.cache_dir) if source.kind == "single_file" else None
-    model = ModelInfo(identity.name, identity.hash or identity.fingerprint.split(":")[-1][:10], sha, source.spec)
+    model = ModelInfo(identity.name, identity.model_hash[:10], sha, source.spec)
     defaults = Defaults(config.width, config.height, config.steps, config.guidance, config.scheduler,
                         encoding.prompt_syntax, options["preview_every"])
     settings = ServerSettings(defaults, model, options["max_queue"], options["api_key"],

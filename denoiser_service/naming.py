@@ -34,6 +34,11 @@ class ModelIdentity:
     # The --model value in full (a path, perhaps), written only with --metadata full.
     source: str | None = None
 
+    @property
+    def model_hash(self) -> str:
+        """What the PNGs' `Model hash:` holds (A1111 shows its first 10 characters)."""
+        return self.hash or self.fingerprint.split(":")[-1]
+
 
 @dataclass(frozen=True)
 class ImageBatch:
@@ -63,7 +68,7 @@ def image_batch(entry: PromptEntry, record: Embeddings, config: RenderConfig, mo
     metas = tuple(ImageMeta(
         image_id=image_id(render, index), render_id=render, index=index, seed=seed + index, prompt=entry.prompt,
         negative_prompt=entry.negative_prompt, embedding_key=record.key, sampler=SCHEDULERS[config.scheduler][2],
-        model=model.name, model_hash=model.hash or model.fingerprint.split(":")[-1], model_source=model.source,
+        model=model.name, model_hash=model.model_hash, model_source=model.source,
         config=settings, lora_hashes=_lora_hashes((*record.settings.loras, *loras)),
         ti_hashes=_hashes(record.settings.inversions)) for index in range(count))
     return ImageBatch(render, entry, record, seed, count, metas, names, tuple(loras), config)
