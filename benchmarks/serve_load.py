@@ -66,7 +66,7 @@ def start_server(args: argparse.Namespace, env: dict, log: Path) -> tuple[subpro
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if found := re.search(r"serving on (http://\S+?):? A1111", log.read_text()):
-            url = found.group(1).rstrip(":")
+            url = found.group(1)
             try:
                 if httpx.get(f"{url}/health", timeout=5).json()["denoisers"] >= 1:
                     return server, url
@@ -122,7 +122,7 @@ def denoise_seconds(header: str) -> float:
 
 def render_baseline(args: argparse.Namespace, prompts: Path, env: dict, out: Path) -> dict:
     """render --prompts on these prompts: its images/s once the model is loaded."""
-    threads = str(max(1, (os.cpu_count() or 2)) if not args.device or args.device == "cpu" else 1)
+    threads = str((os.cpu_count() or 2) if not args.device or args.device == "cpu" else 1)
     done = cli(args, "render", "--prompts", str(prompts), "--out", str(out), *render_options(args), "--prompt-syntax",
                "a1111", "--threads", threads, "--json", env=env)
     stats = json.loads(done.stdout)["stats"]
@@ -160,15 +160,16 @@ def main() -> None:
     server, url = start_server(args, env, work / "server.log")
     renders: list[dict] = []
     runs: dict[tuple[int, int], list[dict]] = {row: [] for row in plan}
+    process = psutil.Process(server.pid)
     try:
-        load(url, 2, 1, first=0, server=psutil.Process(server.pid))  # warm-up: the first jobs carry one-time costs
+        load(url, 2, 1, first=0, server=process)  # warm-up: the first jobs carry one-time costs
         for round_ in range(args.rounds):
             first = 2 + round_ * per_round
             renders.append(render_baseline(args, slice_file(prompts, first, args.requests, work / f"r{round_}.jsonl"),
                                            env, work / f"rendered-{round_}"))
             for n, (clients, images) in enumerate(plan):
                 runs[clients, images].append(load(url, args.requests, clients, first + args.requests * (n + 1),
-                                                  psutil.Process(server.pid), images))
+                                                  process, images))
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr, flush=True)
     finally:
         server.terminate()

@@ -33,8 +33,8 @@ DRY_WORKLOAD = {"size": "64x64", "steps": 2, "images": 1}
 # Time kept back at the end of a part for its summary and for bringing the files back.
 RESERVE_S = 15.0
 # The serve row: two model loads (server, render --prompts) and 4 + 4 requests of 1 and 4 images at the seed's size.
-SERVE_LOAD = ["--size", "1024", "--steps", "25", "--images", "1,4", "--concurrency", "1", "--requests", "4",
-              "--rounds", "1", "--dtype", "fp16"]
+SERVE_LOAD = ["--size", WORKLOAD["size"].split("x")[0], "--steps", str(WORKLOAD["steps"]), "--images", "1,4",
+              "--concurrency", "1", "--requests", "4", "--rounds", "1", "--dtype", "fp16"]
 DRY_SERVE_LOAD = ["--size", "64", "--steps", "2", "--images", "1,2", "--concurrency", "1,2", "--requests", "2",
                   "--rounds", "1"]
 SERVE_MAX_S = 240.0
@@ -111,7 +111,13 @@ class Suite:
         sink = log_to.open("w", encoding="utf-8") if log_to else None
         proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=timeout_s is not None)
-        timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL)) if timeout_s else None
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout_s, kill) if timeout_s else None
         if timer:
             timer.start()
         assert proc.stdout is not None
@@ -125,8 +131,7 @@ class Suite:
         if sink:
             sink.close()
         seconds = time.monotonic() - began
-        timed_out = timeout_s is not None and code == -signal.SIGKILL and seconds >= timeout_s
-        self.steps.append(Step(name, seconds, f"timed out after {timeout_s:.0f} s" if timed_out else
+        self.steps.append(Step(name, seconds, f"timed out after {timeout_s:.0f} s" if killed.is_set() else
                                "ok" if code == 0 else f"exit {code}"))
         self.log.line(f"== {name}: exit {code} after {seconds:.1f} s")
         return code
