@@ -52,15 +52,12 @@ class EncoderLoop:
         self.dispatcher = dispatcher
         self.model = model
         self.on_progress = on_progress
-        self.jobs: set[str] = set()
 
     def _queue(self, ready: JobReady) -> None:
         """A job for an entry whose embeddings are cached; lines that ask for the same work share one."""
         self.on_progress(1)
         job_id = job_id_for(ready.embedding_key, ready.entry.seed, ready.entry.count, ready.loras)
-        if job_id not in self.jobs:
-            self.jobs.add(job_id)
-            self.dispatcher.add(job_id, ready.entry, ready.embedding_key, ready.loras)
+        self.dispatcher.add(job_id, ready.entry, ready.embedding_key, ready.loras)  # a job already there: no-op
 
     def _handle(self, items: list[Handover]) -> EncodeStats | None:
         """Act on what the model thread handed over; the stats once its request has finished."""
@@ -95,7 +92,7 @@ class EncoderLoop:
         leftovers = table.leftovers()
         for job in leftovers:
             self.dispatcher.journal.log("abandoned", job.job_id, state=job.state.value)
-        return FileOutcome(encode=stats, jobs=len(self.jobs), already_done=table.already_done, done=counts["done"],
+        return FileOutcome(encode=stats, jobs=len(table.jobs), already_done=table.already_done, done=counts["done"],
                            dead_lettered=counts["dead"], abandoned=len(leftovers),
                            denoisers_attached=table.ever_attached, interrupted=stop.is_set())
 
