@@ -123,10 +123,14 @@ def check_shapes(path: Path, max_dim: int, half: str = "") -> dict[str, tuple[in
     `max_dim`: the file is damaged, or made for another model. `half`: "text" or "unet" checks only the tensors
     of that half (a UNet layer may be wider than any text encoder's)."""
     shapes, _ = declared(path)
+    _refuse_bad_shapes(path, shapes, max_dim, half)
+    return shapes
+
+
+def _refuse_bad_shapes(path: Path, shapes: dict[str, tuple[int, ...]], max_dim: int, half: str = "") -> None:
     prefixes = {"text": _TEXT_PREFIXES, "unet": _UNET_PREFIXES}.get(half, ("",))
     if problem := shape_problem({k: v for k, v in shapes.items() if k.startswith(prefixes)}, max_dim):
         raise UserError(f"LoRA {path}: {problem}; the file is damaged or not made for this model")
-    return shapes
 
 
 class LoraFinder:
@@ -165,8 +169,8 @@ class LoraFinder:
             raise UserError(f"LoRA {path} is not a .safetensors file; pickled LoRAs are refused")
         path = path.resolve()
         if path not in self._found:
-            shapes = check_shapes(path, MAX_LORA_DIM)
-            metadata = declared(path)[1]
+            shapes, metadata = declared(path)
+            _refuse_bad_shapes(path, shapes, MAX_LORA_DIM)
             short = str(metadata.get("sshs_model_hash") or self.memo.data_sha256(path))[:A1111_HASH_CHARS]
             self._found[path] = Lora(name=path.stem, path=path, sha256=self.memo.sha256(path),
                                      text=any(k.startswith(_TEXT_PREFIXES) for k in shapes),
