@@ -20,7 +20,9 @@ def test_dry_run_writes_the_summary_log_tests_and_bench_files(tmp_path: Path, se
     (work / "cache" / "models").mkdir(parents=True)
     (work / "cache" / "models" / "tiny").symlink_to(session_cache / "models" / "tiny")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "suite.py"), "--dry-run",
-                           "--out", str(out), "--work", str(work), "--budget", "240"],
+                           "--out", str(out), "--work", str(work), "--budget", "240",
+                           # One row proves the bench step's plumbing; test_bench_rows runs the rows themselves.
+                           "--rows", "encoder"],
                           capture_output=True, text=True, timeout=hang_bound(600))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     names = {path.name for path in out.iterdir()}
@@ -34,5 +36,4 @@ def test_dry_run_writes_the_summary_log_tests_and_bench_files(tmp_path: Path, se
     # On the CPU every GPU test is collected and skips with its reason, none fails.
     assert "skipped: needs a CUDA GPU" in summary and "failure" not in summary
     payload = json.loads((out / f"{stem}.json").read_text())
-    assert {row["row"]: row["status"] for row in payload["rows"]} == {
-        "encoder": "ok", "fp16-sdpa": "ok"}
+    assert {row["row"]: row["status"] for row in payload["rows"]} == {"encoder": "ok"}
