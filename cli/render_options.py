@@ -23,6 +23,7 @@ from sdxl_split.denoiser_service.config import (
 )
 from sdxl_split.shared.devices import local_cuda_devices
 from sdxl_split.shared.image_settings import SCHEDULERS
+from sdxl_split.shared.prompts import MAX_SEED
 
 
 def lora_serving_options(func):
@@ -85,7 +86,7 @@ def render_options(func):
         click.option("--size", default="1024x1024", show_default=True, help="WIDTHxHEIGHT, multiples of 8."),
         click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="Images per prompt (a JSONL 'count' overrides it)."),
-        click.option("--seed", type=click.IntRange(-1, 2**63 - 1), default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(-1, MAX_SEED), default=0, show_default=True,
                      help="Image i of a prompt uses seed+i (a JSONL 'seed' overrides it); -1 draws a random seed "
                           "for each prompt, written to its PNGs and the manifest."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True),

@@ -77,8 +77,10 @@ def run_with_ray(opts: GlobalOptions, prompts, denoisers: int, faults, kw: dict)
                      denoiser.identity)
     for warning in plan.warnings():
         notice(warning)
+    repeats = f"; {plural(plan.repeated_lines, 'line')} repeating an earlier one (rendered once)" \
+        if plan.repeated_lines else ""
     notice(f"{plural(plan.done_images, 'image')} already in {config.out_dir}; {plan.todo_images} to render "
-           f"({plural(len(plan.todo), 'job')})")
+           f"({plural(len(plan.todo), 'job')}){repeats}")
     if not plan.todo:
         click.echo(f"nothing to render; images in {config.out_dir}")
         return

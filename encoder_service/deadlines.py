@@ -14,18 +14,19 @@ JOB_TIMEOUT_MULTIPLE = 10.0
 JOB_TIMEOUT_FLOOR_S = 120.0
 
 
-def deadline(worker: DenoiserRecord, fixed_s: float | None) -> float:
+def deadline(denoiser: DenoiserRecord, fixed_s: float | None) -> float:
     """Seconds it may hold jobs without finishing one: --job-timeout, or scaled to its own speed."""
     if fixed_s is not None:
         return fixed_s
-    if not worker.slowest_job_s:
+    if not denoiser.slowest_job_s:
         return FIRST_JOB_TIMEOUT_S
-    return max(JOB_TIMEOUT_FLOOR_S, JOB_TIMEOUT_MULTIPLE * worker.slowest_job_s)
+    return max(JOB_TIMEOUT_FLOOR_S, JOB_TIMEOUT_MULTIPLE * denoiser.slowest_job_s)
 
 
-def overdue(workers: Iterable[DenoiserRecord], now: float, fixed_s: float | None) -> list[tuple[DenoiserRecord, float]]:
+def overdue(denoisers: Iterable[DenoiserRecord], now: float,
+            fixed_s: float | None) -> list[tuple[DenoiserRecord, float]]:
     late = []
-    for worker in workers:
-        if worker.inflight and now - worker.last_progress > (limit := deadline(worker, fixed_s)):
-            late.append((worker, limit))
+    for denoiser in denoisers:
+        if denoiser.inflight and now - denoiser.last_progress > (limit := deadline(denoiser, fixed_s)):
+            late.append((denoiser, limit))
     return late

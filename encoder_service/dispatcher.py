@@ -123,37 +123,37 @@ class Dispatcher:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        for worker in self.table.silent(now, self.config.heartbeat_s * self.config.liveness):
-            self.table.lose(worker.identity, f"denoiser {worker.name} missed {self.config.liveness} heartbeats")
-        for worker, limit in self.table.overdue(now):
+        for denoiser in self.table.silent(now, self.config.heartbeat_s * self.config.liveness):
+            self.table.lose(denoiser.identity, f"denoiser {denoiser.name} missed {self.config.liveness} heartbeats")
+        for denoiser, limit in self.table.overdue(now):
             # Heartbeats come from its main loop, so a render thread stuck in a CUDA call or a deadlock looks
             # alive: only a deadline catches it. It is dropped, and told why.
-            why = (f"denoiser {worker.name} made no progress on its {plural(len(worker.inflight), 'job')} for "
+            why = (f"denoiser {denoiser.name} made no progress on its {plural(len(denoiser.inflight), 'job')} for "
                    f"{limit:.0f} s (--job-timeout); "
                    "disconnecting it")
-            self.table.lose(worker.identity, why)
-            self._send_to(worker.identity, p.Bye(why))
+            self.table.lose(denoiser.identity, why)
+            self._send_to(denoiser.identity, p.Bye(why))
         if now >= self._next_beat:
-            for worker in list(self.table.workers.values()):
-                self._send(worker, p.Heartbeat())
+            for denoiser in list(self.table.denoisers.values()):
+                self._send(denoiser, p.Heartbeat())
             self._next_beat = now + self.config.heartbeat_s
         self._dispatch()
 
     def _dispatch(self) -> None:
         blocked: set[bytes] = set()  # full send queues this round: skip them, never spin
         while (pick := self.table.pick(blocked)) is not None:
-            job, worker = pick
+            job, denoiser = pick
             try:
                 record, payload = self.fetch(job.embedding_key)
             except LookupError as err:
                 self.table.unsendable(job, str(err))
                 continue
-            sent = self._send(worker, p.Job.build(job.job_id, job.attempt + 1, job.entry, record, payload,
+            sent = self._send(denoiser, p.Job.build(job.job_id, job.attempt + 1, job.entry, record, payload,
                                                   job.loras, job.options))
             if sent is None:
-                blocked.add(worker.identity)
+                blocked.add(denoiser.identity)
             elif sent:
-                self.table.sent(job, worker, time.monotonic())
+                self.table.sent(job, denoiser, time.monotonic())
 
     def _send_to(self, identity: bytes, message: p.Message) -> None:
         """Best effort, to a peer that is not (or no longer) in the table."""
@@ -162,16 +162,16 @@ class Dispatcher:
         except zmq.ZMQError:
             pass
 
-    def _send(self, worker: DenoiserRecord, message: p.Message) -> bool | None:
+    def _send(self, denoiser: DenoiserRecord, message: p.Message) -> bool | None:
         """True if sent; None if its queue is full (try later); False if the peer is gone (it was lost)."""
         try:
-            self.socket.send_multipart([worker.identity, *p.encode(message)], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([denoiser.identity, *p.encode(message)], flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
             return None
         except zmq.ZMQError as err:
             if err.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: the peer is gone
-                self.table.lose(worker.identity, f"denoiser {worker.name} disconnected")
+                self.table.lose(denoiser.identity, f"denoiser {denoiser.name} disconnected")
                 return False
             raise
 
@@ -203,8 +203,8 @@ class Dispatcher:
             self.report(f"denoiser {message.worker} (pid {message.pid}, {message.device}) attached with "
                         f"{message.credits} credits")
             return
-        worker = self.table.heard(identity, now)
-        if worker is None:
+        denoiser = self.table.heard(identity, now)
+        if denoiser is None:
             if isinstance(message, p.Dead):
                 self.report(f"a denoiser died before it was ready: {message.reason}")
             # Otherwise: purged as dead, or not READY yet; it will READY (again) when heartbeats stop.
@@ -220,19 +220,19 @@ class Dispatcher:
         elif isinstance(message, p.Error):
             self.table.fail(identity, message.job_id, message.attempt, message.reason, message.scope, now)
         elif isinstance(message, p.Dead):
-            self.table.lose(identity, f"denoiser {worker.name} died: {message.reason}")
+            self.table.lose(identity, f"denoiser {denoiser.name} died: {message.reason}")
         elif isinstance(message, p.Bye):
             self._byes += 1
-            self.table.lose(identity, f"denoiser {worker.name} left", quiet=True, orderly=True)
+            self.table.lose(identity, f"denoiser {denoiser.name} left", quiet=True, orderly=True)
         elif isinstance(message, (p.Job, p.Cancel)):
-            self.report(f"dropped a {message.TYPE} sent by denoiser {worker.name}; only the encoder sends those")
+            self.report(f"dropped a {message.TYPE} sent by denoiser {denoiser.name}; only the encoder sends those")
 
     # ---- shutdown ----
     def close(self, reason: str = "encoder finished", dead: bool = False, ack_timeout_s: float = 3.0) -> None:
         """Say BYE (or DEAD) and wait for each denoiser's BYE back. A DEALER with IMMEDIATE drops unread
         messages when its peer disconnects, so closing straight after sending could lose the BYE itself."""
         farewell: p.Message = p.Dead(reason) if dead else p.Bye(reason)
-        waiting = {identity: worker.name for identity, worker in self.table.workers.items()}
+        waiting = {identity: denoiser.name for identity, denoiser in self.table.denoisers.items()}
         deadline = time.monotonic() + ack_timeout_s
         next_send = 0.0
         while waiting and time.monotonic() < deadline:

@@ -1,9 +1,9 @@
 """The encoder's loop, on the thread that owns the ROUTER socket: it queues each job the model thread hands over
 the moment it exists and serves the denoisers (credits, heartbeats, deadlines) until every job is done.
 
-This is the shape of the denoiser's worker and of vLLM's busy loop: the socket loop owns its thread and sleeps in
-one poll on the socket and a wake-up pipe; the model runs on a thread of its own and wakes the loop when it has
-something. A front (the prompt file here) only submits requests.
+This is the shape of the denoiser's DenoiserLoop and of vLLM's busy loop: the socket loop owns its thread and
+sleeps in one poll on the socket and a wake-up pipe; the model runs on a thread of its own and wakes the loop when it
+has something. A front (the prompt file here) only submits requests.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class EncoderLoop:
         while table.outstanding and not stop.is_set():
             # Jobs every attached denoiser refused (a LoRA none of them has) wait like jobs with no denoiser.
             stranded = len(table.stranded()) == table.outstanding
-            if table.workers and not stranded:
+            if table.denoisers and not stranded:
                 idle_since = time.monotonic()
                 dispatcher.pump(heartbeat)
                 continue
@@ -132,5 +132,5 @@ class EncoderLoop:
         if table.in_flight:
             dispatcher.report(f"waiting for {plural(table.in_flight, 'image batch', 'image batches')} in flight")
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while table.in_flight and table.workers and time.monotonic() < deadline:
+        while table.in_flight and table.denoisers and time.monotonic() < deadline:
             dispatcher.pump(dispatcher.config.heartbeat_s)

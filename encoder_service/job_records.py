@@ -34,7 +34,7 @@ class JobRecord:
     # Denoisers (by key) that died, left or hung holding it: a job that takes down one denoiser after another is
     # buried.
     lost_on: set[str] = field(default_factory=set)
-    worker: bytes | None = None
+    held_by: bytes | None = None  # the identity of the denoiser it was sent to, while dispatched
     failed_on: set[bytes] = field(default_factory=set)
     # Denoisers (by key) that said they cannot render it (a LoRA they lack, a full disk), and why: it never goes
     # back to them.

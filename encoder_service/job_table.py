@@ -1,7 +1,7 @@
 """The dispatch core, with no sockets: which jobs exist, which denoiser holds what, and what each report means.
 
 The socket loop (dispatcher.py) feeds it what peers say and sends what it picks, as zguide's Paranoid Pirate
-queue keeps its worker list apart from its poll loop. Every rule about credits, late reports, retries and
+queue keeps its denoiser list apart from its poll loop. Every rule about credits, late reports, retries and
 dead-lettering lives here, and tests/unit drives it directly.
 """
 
@@ -50,7 +50,7 @@ class JobTable:
         self.finished = finished or {}
         self.jobs: dict[str, JobRecord] = {}
         self.queue: list[str] = []
-        self.workers: dict[bytes, DenoiserRecord] = {}
+        self.denoisers: dict[bytes, DenoiserRecord] = {}
         # Peers heartbeating before their READY (loading a model), by when last heard: a failed job waits for
         # one of them rather than going back to the denoiser that failed it.
         self.coming: dict[bytes, float] = {}
@@ -85,79 +85,79 @@ class JobTable:
         out["done"] -= self.already_done
         return out
 
-    # ---- workers ----
+    # ---- denoisers ----
     def attach(self, identity: bytes, name: str, credits: int, now: float, out_dir: str = "",
                settings_id: str = "", key: str | None = None) -> DenoiserRecord | None:
         """READY: a new denoiser, or one that restarted (whatever it held goes back to the queue). None for a
         quarantined one, which gets nothing. `key`: its CURVE key, where CURVE is on."""
-        if identity in self.workers:
-            self.lose(identity, f"denoiser {self.workers[identity].name} restarted", quiet=True)
+        if identity in self.denoisers:
+            self.lose(identity, f"denoiser {self.denoisers[identity].name} restarted", quiet=True)
         key = key or connection_key(identity)
         if key in self.quarantined:
             self.quarantined_identities.add(identity)
             return None
         self.coming.pop(identity, None)
-        worker = DenoiserRecord(identity, name, credits, now, key, out_dir, settings_id, last_progress=now)
-        self.workers[identity] = worker
+        denoiser = DenoiserRecord(identity, name, credits, now, key, out_dir, settings_id, last_progress=now)
+        self.denoisers[identity] = denoiser
         self.ever_attached = True
-        return worker
+        return denoiser
 
     def heard(self, identity: bytes, now: float) -> DenoiserRecord | None:
-        """A message from a peer: its worker record, or None for one that has not said READY (yet)."""
-        worker = self.workers.get(identity)
-        if worker is not None:
-            worker.last_seen = now
+        """A message from a peer: its denoiser record, or None for one that has not said READY (yet)."""
+        denoiser = self.denoisers.get(identity)
+        if denoiser is not None:
+            denoiser.last_seen = now
         elif identity not in self.quarantined_identities:
             self.coming[identity] = now
-        return worker
+        return denoiser
 
     def silent(self, now: float, timeout_s: float) -> list[DenoiserRecord]:
-        """Workers not heard from within timeout_s (peers still loading are forgotten the same way)."""
+        """Denoisers not heard from within timeout_s (peers still loading are forgotten the same way)."""
         self.coming = {identity: seen for identity, seen in self.coming.items() if now - seen <= timeout_s}
-        return [w for w in self.workers.values() if now - w.last_seen > timeout_s]
+        return [w for w in self.denoisers.values() if now - w.last_seen > timeout_s]
 
     def lose(self, identity: bytes, why: str, quiet: bool = False, orderly: bool = False) -> None:
         """A denoiser died, left, hung or stopped answering: its jobs go back to the queue, and each counts as a
         strike against it (unless it left in order, with a BYE). The loss counts against a job too, unless the
         peer never finished a job while others are attached: a peer that takes jobs and vanishes, under a new
         name each time, must not bury good jobs a healthy denoiser would render."""
-        worker = self.workers.pop(identity, None)
-        if worker is None:
+        denoiser = self.denoisers.pop(identity, None)
+        if denoiser is None:
             return
-        if not quiet or worker.inflight:
-            self.report(why + (f"; re-queueing {plural(len(worker.inflight), 'job')}" if worker.inflight else ""))
-        blame_jobs = not orderly and (worker.finished_jobs > 0 or not self.workers)
+        if not quiet or denoiser.inflight:
+            self.report(why + (f"; re-queueing {plural(len(denoiser.inflight), 'job')}" if denoiser.inflight else ""))
+        blame_jobs = not orderly and (denoiser.finished_jobs > 0 or not self.denoisers)
         lost = 0
-        for job_id in sorted(worker.inflight):
+        for job_id in sorted(denoiser.inflight):
             job = self.jobs.get(job_id)  # None: cancelled and forgotten while this denoiser still held it
-            if job is not None and job.state is JobState.DISPATCHED and job.worker == identity:
+            if job is not None and job.state is JobState.DISPATCHED and job.held_by == identity:
                 lost += 1
                 if blame_jobs:
-                    job.lost_on.add(worker.key)
+                    job.lost_on.add(denoiser.key)
                 self._retry_or_bury(job, why)
         if not orderly:
-            self._strike(worker, lost)
+            self._strike(denoiser, lost)
 
-    def _strike(self, worker: DenoiserRecord, count: int) -> None:
-        if count <= 0 or worker.key in self.quarantined:
+    def _strike(self, denoiser: DenoiserRecord, count: int) -> None:
+        if count <= 0 or denoiser.key in self.quarantined:
             return
-        self.strikes[worker.key] = self.strikes.get(worker.key, 0) + count
-        if self.strikes[worker.key] >= QUARANTINE_STRIKES:
-            self._quarantine(worker, f"it lost {self.strikes[worker.key]} jobs")
+        self.strikes[denoiser.key] = self.strikes.get(denoiser.key, 0) + count
+        if self.strikes[denoiser.key] >= QUARANTINE_STRIKES:
+            self._quarantine(denoiser, f"it lost {self.strikes[denoiser.key]} jobs")
 
-    def _quarantine(self, worker: DenoiserRecord, why: str) -> None:
-        self.quarantined.add(worker.key)
-        self.quarantined_identities.add(worker.identity)
-        self.report(f"quarantined denoiser {worker.name}: {why}; it gets no more work in this run")
-        for identity, other in list(self.workers.items()):
-            if other.key == worker.key:
+    def _quarantine(self, denoiser: DenoiserRecord, why: str) -> None:
+        self.quarantined.add(denoiser.key)
+        self.quarantined_identities.add(denoiser.identity)
+        self.report(f"quarantined denoiser {denoiser.name}: {why}; it gets no more work in this run")
+        for identity, other in list(self.denoisers.items()):
+            if other.key == denoiser.key:
                 self.quarantined_identities.add(identity)
                 self.lose(identity, f"denoiser {other.name} quarantined", quiet=True, orderly=True)
                 self.tell(identity, f"denoiser {other.name} is quarantined for this run: {why}")
 
     def overdue(self, now: float) -> list[tuple[DenoiserRecord, float]]:
         """Denoisers holding jobs that have made no progress within their deadline, with that deadline."""
-        return overdue(self.workers.values(), now, self.job_timeout_s)
+        return overdue(self.denoisers.values(), now, self.job_timeout_s)
 
     # ---- dispatch ----
     def pick(self, blocked: set[bytes] = frozenset()) -> tuple[JobRecord, DenoiserRecord] | None:  # type: ignore[assignment]
@@ -166,44 +166,44 @@ class JobTable:
         if self.draining:
             return None
         for job_id in list(self.queue):
-            ready = [w for w in self.workers.values() if w.credits > 0 and w.identity not in blocked]
+            ready = [w for w in self.denoisers.values() if w.credits > 0 and w.identity not in blocked]
             if not ready:
                 return None
             job = self.jobs[job_id]
-            worker = self._choose(job, ready)
-            if worker is None:
+            denoiser = self._choose(job, ready)
+            if denoiser is None:
                 continue
-            images = self.finished.get((job.job_id, worker.out_dir, worker.settings_id))
+            images = self.finished.get((job.job_id, denoiser.out_dir, denoiser.settings_id))
             if images is not None:
                 self.queue.remove(job_id)
                 job.state = JobState.DONE
                 self.already_done += 1
-                self.log("done", job.job_id, out_dir=worker.out_dir, settings=worker.settings_id, images=images,
+                self.log("done", job.job_id, out_dir=denoiser.out_dir, settings=denoiser.settings_id, images=images,
                          reused=True)
                 continue
-            return job, worker
+            return job, denoiser
         return None
 
     def _choose(self, job: JobRecord, ready: list[DenoiserRecord]) -> DenoiserRecord | None:
-        """The freest worker that has not failed this job; one that has, only if no other is alive; never one that
+        """The freest denoiser that has not failed this job; one that has, only if no other is alive; never one that
         said it cannot render it."""
         ready = [w for w in ready if w.key not in job.refused_by]
         fresh = [w for w in ready if w.identity not in job.failed_on]
-        others = [*self.workers, *self.coming]
+        others = [*self.denoisers, *self.coming]
         if not fresh and any(identity not in job.failed_on for identity in others):
             return None  # wait for a denoiser that has not failed it yet (maybe one still loading)
         pool = fresh or ready
         return max(pool, key=lambda w: (w.credits, -len(w.inflight))) if pool else None
 
-    def sent(self, job: JobRecord, worker: DenoiserRecord, now: float) -> None:
-        if not worker.inflight:
-            worker.last_progress = now  # an idle denoiser's clock starts with its job
+    def sent(self, job: JobRecord, denoiser: DenoiserRecord, now: float) -> None:
+        if not denoiser.inflight:
+            denoiser.last_progress = now  # an idle denoiser's clock starts with its job
         self.queue.remove(job.job_id)
         job.attempt += 1
-        job.state, job.worker = JobState.DISPATCHED, worker.identity
-        worker.credits -= 1
-        worker.inflight.add(job.job_id)
-        self.log("dispatched", job.job_id, attempt=job.attempt, worker=worker.name)
+        job.state, job.held_by = JobState.DISPATCHED, denoiser.identity
+        denoiser.credits -= 1
+        denoiser.inflight.add(job.job_id)
+        self.log("dispatched", job.job_id, attempt=job.attempt, worker=denoiser.name)
 
     def unsendable(self, job: JobRecord, reason: str) -> None:
         """Its embeddings cannot be read any more: nobody could render it."""
@@ -211,31 +211,31 @@ class JobTable:
         self._bury(job, f"embeddings unavailable: {reason}")
 
     # ---- reports ----
-    def _owned(self, worker: DenoiserRecord, job_id: str, attempt: int, now: float) -> JobRecord | None:
-        """The job if this report is about its current attempt on this worker. A late report, about an attempt
+    def _owned(self, denoiser: DenoiserRecord, job_id: str, attempt: int, now: float) -> JobRecord | None:
+        """The job if this report is about its current attempt on this denoiser. A late report, about an attempt
         that was re-queued elsewhere, only returns the credit."""
-        if job_id in worker.inflight:
-            worker.inflight.discard(job_id)
-            worker.credits += 1
-            worker.last_progress = now
+        if job_id in denoiser.inflight:
+            denoiser.inflight.discard(job_id)
+            denoiser.credits += 1
+            denoiser.last_progress = now
         job = self.jobs.get(job_id)
         if (job is None or job.state is not JobState.DISPATCHED or job.attempt != attempt
-                or job.worker != worker.identity):
+                or job.held_by != denoiser.identity):
             return None
         return job
 
     def finish(self, identity: bytes, job_id: str, attempt: int, images: list[dict], seconds: float,
                now: float = 0.0) -> bool:
-        """DONE; False when it was late or not this worker's to report."""
-        worker = self.workers.get(identity)
-        job = self._owned(worker, job_id, attempt, now) if worker else None
+        """DONE; False when it was late or not this denoiser's to report."""
+        denoiser = self.denoisers.get(identity)
+        job = self._owned(denoiser, job_id, attempt, now) if denoiser else None
         if job is None:
             return False
-        worker.slowest_job_s = max(worker.slowest_job_s, seconds)
-        worker.finished_jobs += 1
-        job.state, job.worker = JobState.DONE, None
-        self.log("done", job.job_id, attempt=attempt, worker=worker.name, seconds=seconds, out_dir=worker.out_dir,
-                 settings=worker.settings_id, images=images)
+        denoiser.slowest_job_s = max(denoiser.slowest_job_s, seconds)
+        denoiser.finished_jobs += 1
+        job.state, job.held_by = JobState.DONE, None
+        self.log("done", job.job_id, attempt=attempt, worker=denoiser.name, seconds=seconds, out_dir=denoiser.out_dir,
+                 settings=denoiser.settings_id, images=images)
         return True
 
     def fail(self, identity: bytes, job_id: str, attempt: int, reason: str, scope: str = "job",
@@ -243,31 +243,31 @@ class JobTable:
         """ERROR: the job is retried on another denoiser. A "job" error counts towards dead-lettering it after
         max_attempts; a "denoiser" one (a LoRA it lacks, a full disk) means only that this denoiser cannot
         render it: it never goes back there, and waits for one that can (see stranded)."""
-        worker = self.workers.get(identity)
-        job = self._owned(worker, job_id, attempt, now) if worker else None
+        denoiser = self.denoisers.get(identity)
+        job = self._owned(denoiser, job_id, attempt, now) if denoiser else None
         if job is None:
             return False
         job.failed_on.add(identity)
-        self.log("failed", job.job_id, attempt=attempt, worker=worker.name, reason=reason, scope=scope)
+        self.log("failed", job.job_id, attempt=attempt, worker=denoiser.name, reason=reason, scope=scope)
         if scope != "job":
-            job.refused_by[worker.key] = reason
+            job.refused_by[denoiser.key] = reason
         else:
             job.failures += 1
-            if not worker.finished_jobs:
-                worker.failed_jobs.add(job_id)
+            if not denoiser.finished_jobs:
+                denoiser.failed_jobs.add(job_id)
         self._retry_or_bury(job, reason)
-        if scope == "job" and len(worker.failed_jobs) >= QUARANTINE_STRIKES and worker.key not in self.quarantined:
+        if scope == "job" and len(denoiser.failed_jobs) >= QUARANTINE_STRIKES and denoiser.key not in self.quarantined:
             # One poison job failing again and again on the only denoiser counts once; a GPU that fails every
             # job it is given, and has never finished one, is what is broken.
-            self._quarantine(worker, f"it failed {len(worker.failed_jobs)} different jobs and finished none")
+            self._quarantine(denoiser, f"it failed {len(denoiser.failed_jobs)} different jobs and finished none")
         return True
 
     def stranded(self) -> list[JobRecord]:
         """Queued jobs that every attached denoiser has refused, while no other is on its way: only a denoiser
         that has not come yet could render them."""
-        if self.coming or not self.workers:
+        if self.coming or not self.denoisers:
             return []
-        keys = {worker.key for worker in self.workers.values()}
+        keys = {denoiser.key for denoiser in self.denoisers.values()}
         return [self.jobs[job_id] for job_id in self.queue if keys <= set(self.jobs[job_id].refused_by)]
 
     def give_up_stranded(self) -> None:
@@ -277,7 +277,7 @@ class JobTable:
             self._bury(job, "no denoiser could render it: " + "; ".join(sorted(set(job.refused_by.values()))))
 
     def _retry_or_bury(self, job: JobRecord, reason: str) -> None:
-        job.worker = None
+        job.held_by = None
         # A job that takes down denoiser after denoiser (OOM, say) is given up too, with more leeway, since a
         # denoiser can also die for reasons of its own; one flapping peer counts once, however often it comes.
         if job.failures >= self.max_attempts or len(job.lost_on) >= 2 * self.max_attempts:
@@ -288,7 +288,7 @@ class JobTable:
             self.log("requeued", job.job_id, attempt=job.attempt, reason=reason)
 
     def _bury(self, job: JobRecord, reason: str) -> None:
-        job.state, job.worker = JobState.DEAD, None
+        job.state, job.held_by = JobState.DEAD, None
         self.log("dead_letter", job.job_id, attempts=job.attempt, reason=reason)
         self.report(f"gave up on line {job.entry.line} ({job.entry.prompt[:50]!r}) after "
                     f"{plural(job.attempt, 'attempt')}: {reason}")
@@ -299,21 +299,21 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.state not in (JobState.QUEUED, JobState.DISPATCHED):
             return None
-        holder = (job.worker, job.attempt) if job.state is JobState.DISPATCHED and job.worker is not None else None
+        holder = (job.held_by, job.attempt) if job.state is JobState.DISPATCHED and job.held_by is not None else None
         if job.state is JobState.QUEUED:
             self.queue.remove(job_id)
-        job.state, job.worker = JobState.CANCELLED, None
+        job.state, job.held_by = JobState.CANCELLED, None
         self.log("cancelled", job_id)
         return holder
 
     def progressed(self, identity: bytes, job_id: str, attempt: int, now: float) -> bool:
         """A step of a job this denoiser holds: it is working, whatever its deadline says."""
-        worker = self.workers.get(identity)
+        denoiser = self.denoisers.get(identity)
         job = self.jobs.get(job_id)
-        if worker is None or job is None or job.state is not JobState.DISPATCHED or job.worker != identity \
+        if denoiser is None or job is None or job.state is not JobState.DISPATCHED or job.held_by != identity \
                 or job.attempt != attempt:
             return False
-        worker.last_progress = now
+        denoiser.last_progress = now
         return True
 
     def forget(self, job_id: str) -> None:

@@ -84,7 +84,7 @@ class Engine:
         self.loop.cancel(request_id, reason, indexes)
 
     def denoisers(self) -> int:
-        return len(self.dispatcher.table.workers)
+        return len(self.dispatcher.table.denoisers)
 
     def health(self) -> dict:
         return {"status": "failed" if self.failure else "ok", "denoisers": self.denoisers(),

@@ -46,9 +46,12 @@ def test_ray_pngs_and_manifest_equal_render_prompts_and_a_rerun_renders_none(cac
         assert png.read_bytes() == (offline / png.name).read_bytes(), png.name
     assert rows_without_time(out) == rows_without_time(offline)
 
+    # A line that repeats an earlier one asks for the same images: said once, rendered never.
+    prompts.write_text(prompts.read_text() + "prompt number 0, a small watercolor\n")
     again = run_ray(prompts, out, cache_dir)
     assert again.returncode == 0, again.stderr
     assert "16 images already in" in again.stderr and "nothing to render" in again.stdout
+    assert "1 line repeating an earlier one (rendered once)" in again.stderr
     assert "starting a local Ray" not in again.stderr
 
 

@@ -34,9 +34,9 @@ def table_with(jobs: int = 3, max_attempts: int = 2, finished=None) -> tuple[Job
 def send_all(table: JobTable, now: float = 0.0) -> list[tuple[str, bytes]]:
     out = []
     while (pick := table.pick()) is not None:
-        job, worker = pick
-        table.sent(job, worker, now=now)
-        out.append((job.job_id, worker.identity))
+        job, denoiser = pick
+        table.sent(job, denoiser, now=now)
+        out.append((job.job_id, denoiser.identity))
     return out
 
 
@@ -73,7 +73,7 @@ def test_a_late_done_after_a_requeue_only_returns_its_credit() -> None:
     assert table.finish(B, "job0", 2, IMAGES, 1.0) and table.jobs["job0"].state is JobState.DONE
 
 
-def test_a_done_from_a_worker_that_does_not_hold_the_job_is_ignored() -> None:
+def test_a_done_from_a_denoiser_that_does_not_hold_the_job_is_ignored() -> None:
     table, seen = table_with(jobs=1)
     table.attach(A, "a", credits=1, now=0.0)
     table.attach(B, "b", credits=1, now=0.0)
@@ -81,7 +81,7 @@ def test_a_done_from_a_worker_that_does_not_hold_the_job_is_ignored() -> None:
     other = B if holder == A else A
     assert not table.finish(other, "job0", 1, IMAGES, 1.0)
     assert not table.fail(other, "job0", 1, "lying")
-    assert table.workers[other].credits == 1  # no credit conjured for a job it never held
+    assert table.denoisers[other].credits == 1  # no credit conjured for a job it never held
     assert table.jobs["job0"].state is JobState.DISPATCHED and seen.named("done") == []
     assert not table.finish(b"stranger", "job0", 1, IMAGES, 1.0)
     assert not table.finish(holder, "no-such-job", 1, IMAGES, 1.0)
@@ -153,7 +153,7 @@ def test_a_denoiser_scoped_error_retries_elsewhere_without_counting_against_the_
     assert table.fail(A, "job0", 1, "No space left on device writing /out/x.png", scope="denoiser")
     job = table.jobs["job0"]
     assert job.state is JobState.QUEUED and job.failures == 0 and not table.strikes
-    table.workers[B].credits = 1
+    table.denoisers[B].credits = 1
     assert send_all(table) == [("job0", B)]
     assert table.fail(B, "job0", 2, "NaN latents")  # a job error: max_attempts 1 buries it
     assert job.state is JobState.DEAD
@@ -168,7 +168,7 @@ def test_a_job_a_denoiser_cannot_render_never_goes_back_to_it_and_is_reported_on
     assert table.fail(A, "job0", 1, "LoRA style is not on this denoiser", scope="denoiser")
     assert table.finish(A, "job1", 1, IMAGES, 1.0)
     assert send_all(table) == [] and table.jobs["job0"].state is JobState.QUEUED
-    assert not table.quarantined and A in table.workers
+    assert not table.quarantined and A in table.denoisers
     assert [job.job_id for job in table.stranded()] == ["job0"]
     table.heard(B, now=1.0)  # another denoiser is on its way: not stranded yet
     assert table.stranded() == []
@@ -190,8 +190,8 @@ def test_a_peer_renaming_itself_cannot_bury_jobs_while_a_healthy_denoiser_is_att
         table.attach(identity, f"renamed-{n}[{n}]@cpu", credits=4, now=float(n))  # the freest: it gets the retries
         send_all(table)
         table.lose(identity, "vanished")
-        if table.workers[B].inflight:
-            [job_id] = table.workers[B].inflight
+        if table.denoisers[B].inflight:
+            [job_id] = table.denoisers[B].inflight
             assert table.finish(B, job_id, table.jobs[job_id].attempt, IMAGES, 1.0)
     assert seen.named("dead_letter") == []
     assert table.counts()["dead"] == 0
@@ -222,7 +222,7 @@ def test_a_denoiser_that_makes_no_progress_is_overdue_by_its_deadline() -> None:
     assert late[A] == 120.0 and late[B] == 1800.0
     table.job_timeout_s = 5.0
     assert [w.identity for w, _ in table.overdue(now=1801.0 + 6.0)] == [A, B]
-    assert table.overdue(now=1801.0 + 4.0) == [(table.workers[B], 5.0)]
+    assert table.overdue(now=1801.0 + 4.0) == [(table.denoisers[B], 5.0)]
 
 
 def test_draining_hands_out_nothing_new_but_accepts_what_is_out() -> None:
@@ -249,7 +249,7 @@ def test_images_a_previous_run_left_intact_are_not_rendered_again() -> None:
     assert len(send_all(other)) == 2
 
 
-def test_silent_workers_are_found_and_a_restart_requeues_what_it_held() -> None:
+def test_silent_denoisers_are_found_and_a_restart_requeues_what_it_held() -> None:
     table, _ = table_with(jobs=2)
     table.attach(A, "a", credits=2, now=0.0)
     table.attach(B, "b", credits=0, now=0.0)
@@ -257,7 +257,7 @@ def test_silent_workers_are_found_and_a_restart_requeues_what_it_held() -> None:
     table.heard(B, now=5.0)
     assert [w.identity for w in table.silent(now=5.0, timeout_s=3.0)] == [A]
     table.attach(A, "a", credits=2, now=6.0)  # READY again: it restarted and lost its jobs
-    assert table.counts()["queued"] == 2 and table.workers[A].inflight == set()
+    assert table.counts()["queued"] == 2 and table.denoisers[A].inflight == set()
 
 
 def test_unsendable_jobs_are_dead_lettered_and_duplicates_are_added_once() -> None:
@@ -274,7 +274,7 @@ def test_unsendable_jobs_are_dead_lettered_and_duplicates_are_added_once() -> No
 def test_credits_are_never_overdrawn(credits: int) -> None:
     table, _ = table_with(jobs=10)
     table.attach(A, "a", credits=credits, now=0.0)
-    assert len(send_all(table)) == credits and table.workers[A].credits == 0
+    assert len(send_all(table)) == credits and table.denoisers[A].credits == 0
 
 
 def test_a_denoiser_that_fails_every_job_is_quarantined_before_it_sinks_the_queue() -> None:
@@ -282,7 +282,7 @@ def test_a_denoiser_that_fails_every_job_is_quarantined_before_it_sinks_the_queu
     table.attach(A, "broken", credits=4, now=0.0)
     for job_id, _ in send_all(table):
         table.fail(A, job_id, 1, "broken on purpose")
-    assert connection_key(A) in table.quarantined and A not in table.workers
+    assert connection_key(A) in table.quarantined and A not in table.denoisers
     assert seen.named("dead_letter") == [] and table.counts()["queued"] == 4
     table.attach(B, "healthy", credits=1, now=1.0)
     for _ in range(4):

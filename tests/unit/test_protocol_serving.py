@@ -59,13 +59,13 @@ def test_a_cancelled_job_leaves_the_queue_or_its_denoiser_and_a_late_report_only
     for n in range(2):
         table.add(f"job{n}", PromptEntry(line=n + 1, prompt=f"p{n}"), f"key{n}")
     table.attach(b"a", "a", credits=1, now=0.0)
-    job, worker = table.pick()
-    table.sent(job, worker, now=0.0)
+    job, denoiser = table.pick()
+    table.sent(job, denoiser, now=0.0)
     assert table.cancel("job1") is None and "job1" not in table.queue  # still queued: just dropped
     assert table.cancel("job0") == (b"a", 1)  # out on a denoiser: tell it
     assert table.jobs["job0"].state is JobState.CANCELLED and table.outstanding == 0
     assert not table.progressed(b"a", "job0", 1, now=1.0)
-    assert not table.fail(b"a", "job0", 1, "cancelled by the encoder") and table.workers[b"a"].credits == 1
+    assert not table.fail(b"a", "job0", 1, "cancelled by the encoder") and table.denoisers[b"a"].credits == 1
     table.forget("job0")
     assert "job0" not in table.jobs
 
@@ -75,9 +75,9 @@ def test_a_denoiser_lost_while_holding_a_cancelled_and_forgotten_job_is_no_error
     table = JobTable(3, log=lambda *a, **k: None, report=lambda m: None)
     table.add("job0", PromptEntry(line=1, prompt="p"), "key0")
     table.attach(b"a", "a", credits=1, now=0.0)
-    job, worker = table.pick()
-    table.sent(job, worker, now=0.0)
+    job, denoiser = table.pick()
+    table.sent(job, denoiser, now=0.0)
     table.cancel("job0")
     table.forget("job0")
     table.lose(b"a", "denoiser a died")
-    assert "job0" not in table.jobs and not table.queue and b"a" not in table.workers
+    assert "job0" not in table.jobs and not table.queue and b"a" not in table.denoisers
