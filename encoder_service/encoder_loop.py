@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sdxl_split.encoder_service.dispatcher import Dispatcher
-from sdxl_split.encoder_service.encode_loop import EncodeStats
+from sdxl_split.encoder_service.encode_pass import EncodeStats
 from sdxl_split.encoder_service.model_thread import (
     EncodeRequest,
     EncoderModelThread,

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from sdxl_split.encoder_service.encode_loop import EncodeContext, EncodeStats, run_encode
+from sdxl_split.encoder_service.encode_pass import EncodeContext, EncodeStats, run_encode
 from sdxl_split.shared.embeddings import Embeddings
 from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.errors import UserError

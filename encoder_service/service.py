@@ -12,7 +12,7 @@ import zmq
 
 from sdxl_split.encoder_service.config import EncodeConfig, LinkConfig
 from sdxl_split.encoder_service.dispatcher import Dispatcher
-from sdxl_split.encoder_service.encode_loop import EncodeContext
+from sdxl_split.encoder_service.encode_pass import EncodeContext
 from sdxl_split.encoder_service.encoder_loop import EncoderLoop
 from sdxl_split.encoder_service.journal import Journal, NoJournal
 from sdxl_split.encoder_service.model_thread import EncoderModelThread

@@ -22,7 +22,7 @@ from sdxl_split.denoiser_service.naming import batch_files
 from sdxl_split.denoiser_service.service import renderer_for, reply_function
 from sdxl_split.denoiser_service.spec import DenoiserSpec
 from sdxl_split.encoder_service.config import EncodeConfig
-from sdxl_split.encoder_service.encode_loop import EncodeContext, run_encode
+from sdxl_split.encoder_service.encode_pass import EncodeContext, run_encode
 from sdxl_split.shared import protocol as p
 from sdxl_split.shared import specs
 from sdxl_split.shared.devices import cuda_index

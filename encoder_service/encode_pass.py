@@ -1,4 +1,5 @@
-"""The encode loop: cache hits first, then misses in batches; each record goes to a sink the moment it exists."""
+"""One encode pass over some prompts: cache hits first, then misses in batches; each record goes to a sink the
+moment it exists. The model thread runs it for the socket loop (encoder_loop.py); Ray runs it as a stage."""
 
 from __future__ import annotations
 
