@@ -7,6 +7,7 @@ from __future__ import annotations
 from sdxl_split.encoder_service import prompt_syntax
 from sdxl_split.encoder_service.prompt_chunks import CHUNK_TOKENS, Chunk, Chunker, chunked, parsed
 from sdxl_split.shared.encoding_settings import MAX_CHUNKS
+from sdxl_split.shared.text import plural
 
 _ENDED = {"full": "full", "comma": "moved back to a comma", "BREAK": "BREAK", "end": "end of the prompt",
           "moved": "the next piece moved whole to the next chunk", "cut": "cut: CLIP reads 77 tokens"}
@@ -68,7 +69,8 @@ def as_text(report: dict) -> str:
         words = [token.removesuffix("</w>") + ("" if weight == 1.0 else f"({weight:g})")
                  for token, weight in zip(chunk["tokens"], chunk["weights"])]
         moved = f", {chunk['moved_to_next_chunk']} moved on" if chunk.get("moved_to_next_chunk") else ""
-        lines.append(f"chunk {chunk['chunk']}: {len(words)} tokens, ended by {_ENDED[chunk['ended_by']]}{moved}")
+        ended = _ENDED[chunk["ended_by"]]
+        lines.append(f"chunk {chunk['chunk']}: {plural(len(words), 'token')}, ended by {ended}{moved}")
         lines.append("  " + " ".join(words))
     lines.append(f"embeddings: [1, {report['shape'][1]}, width]")
     lines += [f"note: {note}" for note in report["notes"]]

@@ -37,4 +37,5 @@ def check_chunk_counts(path: Path, entries: tuple[PromptEntry, ...], default_syn
             chunker = chunker or Chunker(tokenizer())
             if (count := len(layout(chunker, syntax, text))) > MAX_CHUNKS:
                 raise UserError(f"{path}:{entry.line}: {name} compiles to {count} chunks of 75 tokens under "
-                                f"--prompt-syntax {syntax}; at most {MAX_CHUNKS} fit: shorten it or use fewer BREAKs")
+                                f"--prompt-syntax {syntax}; at most {MAX_CHUNKS} fit: shorten it"
+                                f"{' or use fewer BREAKs' if 'BREAK' in text else ''}")

@@ -31,7 +31,10 @@ def _inversion_problem(token: str, vectors: torch.Tensor | None, key: str, encod
         return f"it holds no {key} tensor; an SDXL embedding holds clip_l and clip_g vectors"
     vectors = vectors[None] if vectors.dim() == 1 else vectors
     width = encoder.get_input_embeddings().weight.shape[1]
-    if vectors.dim() != 2 or vectors.shape[0] < 1:
+    if vectors.dim() != 2:
+        return (f"its {key} tensor has shape {list(vectors.shape)}; an embedding is one vector or a [count, width] "
+                "matrix of them: the file is damaged or is not a textual inversion")
+    if vectors.shape[0] < 1:
         return f"its {key} tensor has shape {list(vectors.shape)}: no vectors; the file is damaged"
     if vectors.shape[1] != width:
         return (f"its {key} vectors are {vectors.shape[1]} wide but this model's encoder takes {width}: it was made "
@@ -90,6 +93,11 @@ class TextSide:
         for key, encoder, tokenizer in pairs:  # all checked before any is loaded: nothing half-added
             if problem := _inversion_problem(inversion.token, vectors.get(key), key, encoder, tokenizer):
                 raise UserError(f"textual inversion {inversion.path}: {problem}")
+        # The token stands for as many words in each encoder: a prompt's two token streams must stay aligned.
+        counts = [vectors[key].reshape(-1, vectors[key].shape[-1]).shape[0] for key, _, _ in pairs]
+        if counts[0] != counts[1]:
+            raise UserError(f"textual inversion {inversion.path}: it holds {counts[0]} clip_l vectors but "
+                            f"{counts[1]} clip_g vectors; an SDXL embedding has as many of each: the file is damaged")
         try:
             for key, encoder, tokenizer in pairs:
                 self.pipe.load_textual_inversion(vectors[key], token=inversion.token, text_encoder=encoder,

@@ -223,6 +223,16 @@ def test_a_lora_name_in_a_prompt_cannot_leave_the_lora_dir(session_cache: Path, 
         resolver.resolve(PromptEntry(line=1, prompt=prompt))
 
 
+@pytest.mark.parametrize("where", ["flag", "jsonl"])
+def test_a_lora_path_that_does_not_exist_is_named_as_a_missing_file(session_cache: Path, tmp_path: Path,
+                                                                    where: str) -> None:
+    missing = str(tmp_path / "nope" / "x.safetensors")
+    flag = ((missing, 0.7),) if where == "flag" else ()
+    entry = PromptEntry(line=1, prompt="a cat", loras=((missing, 0.7),) if where == "jsonl" else None)
+    with pytest.raises(UserError, match=f"LoRA file {missing} not found; check the path"):
+        ExtrasResolver(flag, None, (), None, session_cache).resolve(entry)  # a flag fails here, a line on resolve
+
+
 def test_a_jsonl_lora_name_with_a_path_in_it_is_refused_naming_the_line(tmp_path: Path) -> None:
     from sdxl_split.shared.prompts import parse_prompt_file
 
@@ -288,6 +298,8 @@ def test_pngs_name_loras_by_the_hash_a1111_and_civitai_use(cli, tmp_path: Path, 
     ({"clip_l": torch.full((1, 32), float("nan")), "clip_g": torch.zeros(1, 64)}, "hold NaN or Inf"),
     ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "768 wide but this model's encoder takes 32"),
     ({"clip_g": torch.zeros(1, 64)}, "holds no clip_l tensor"),
+    ({"clip_l": torch.zeros(1, 1, 32), "clip_g": torch.zeros(1, 64)}, "is not a textual inversion"),
+    ({"clip_l": torch.zeros(2, 32), "clip_g": torch.zeros(1, 64)}, "2 clip_l vectors but 1 clip_g vectors"),
 ])
 def test_a_bad_textual_inversion_is_refused_at_load_in_one_line(cli, tmp_path: Path, vectors: dict,
                                                                  problem: str) -> None:

@@ -132,6 +132,8 @@ def test_explain_shows_pieces_chunks_and_why_they_ended(side: TextSide) -> None:
     assert text.index("pieces:") < next(n for n, line in enumerate(text) if line.startswith("chunk 0"))
     plain = explain("a (cat:1.5) BREAK dog", "plain", side.pipe.tokenizer)
     assert len(plain["chunks"]) == 1 and any("plain reads brackets" in note for note in plain["notes"])
+    one = as_text(explain("cat BREAK", "a1111", side.pipe.tokenizer))
+    assert "chunk 0: 1 token, ended by" in one  # counts read as words: "1 token", not "1 tokens"
 
 
 def test_compel_tensors_are_compels_own(side: TextSide) -> None:
