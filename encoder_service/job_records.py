@@ -49,8 +49,9 @@ class DenoiserRecord:
     name: str
     credits: int
     last_seen: float
-    # What strikes and quarantine hold against it, which the peer cannot choose: its CURVE key where CURVE is on,
-    # else its connection's routing identity.
+    # What strikes and quarantine hold against it: its CURVE key where CURVE is on, which it cannot forge; else
+    # its connection's routing identity, which a hostile peer can change by reconnecting (so without CURVE the
+    # job-side rules, not quarantine, keep such a peer from burying jobs).
     key: str = ""
     out_dir: str = ""
     settings_id: str = ""

@@ -23,7 +23,7 @@ Finished = dict[tuple[str, str, str], list[dict]]
 
 
 # A denoiser that loses this many jobs (dies, leaves or hangs holding them) is quarantined: a flapping or hostile
-# peer must not sink good jobs, so the count is held against the denoiser, by a key it cannot choose.
+# peer must not sink good jobs, so the count is held against the denoiser, by its key, not the name it gives.
 QUARANTINE_STRIKES = 3
 
 
@@ -241,7 +241,8 @@ class JobTable:
     def fail(self, identity: bytes, job_id: str, attempt: int, reason: str, scope: str = "job",
              now: float = 0.0) -> bool:
         """ERROR: the job is retried on another denoiser. A "job" error counts towards dead-lettering it after
-        max_attempts; a "denoiser" one (a LoRA it lacks, a full disk) means only that this denoiser cannot
+        max_attempts (unless the peer never finished a job and an attached one that has not tried this one has);
+        a "denoiser" one (a LoRA it lacks, a full disk) means only that this denoiser cannot
         render it: it never goes back there, and waits for one that can (see stranded)."""
         denoiser = self.denoisers.get(identity)
         job = self._owned(denoiser, job_id, attempt, now) if denoiser else None
@@ -252,7 +253,13 @@ class JobTable:
         if scope != "job":
             job.refused_by[denoiser.key] = reason
         else:
-            job.failures += 1
+            # A peer that never finished a job is not believed against a job that an attached denoiser which has
+            # finished jobs has not tried: a peer failing jobs under a new connection each time would otherwise
+            # bury good jobs beside a healthy one.
+            healthy_untried = any(other.finished_jobs and other_id not in job.failed_on
+                                  for other_id, other in self.denoisers.items() if other_id != identity)
+            if denoiser.finished_jobs or not healthy_untried:
+                job.failures += 1
             if not denoiser.finished_jobs:
                 denoiser.failed_jobs.add(job_id)
         self._retry_or_bury(job, reason)

@@ -197,6 +197,42 @@ def test_a_peer_renaming_itself_cannot_bury_jobs_while_a_healthy_denoiser_is_att
     assert table.counts()["dead"] == 0
 
 
+def test_a_peer_renaming_itself_cannot_bury_jobs_by_failing_them_either() -> None:
+    """The same peer, saying ERROR instead of vanishing: a connection that never finished a job is not believed
+    against a job the healthy denoiser has not tried."""
+    table, seen = table_with(jobs=12, max_attempts=3)
+    table.attach(B, "healthy[1]@cpu", credits=1, now=0.0)
+    for n in range(24):
+        identity = f"hostile-{n}".encode()
+        table.attach(identity, f"renamed-{n}[{n}]@cpu", credits=4, now=float(n))
+        for job_id, holder in send_all(table):
+            if holder == identity:  # after its third failure it is quarantined, and the rest are requeued
+                table.fail(identity, job_id, table.jobs[job_id].attempt, "boom")
+        table.lose(identity, "left", orderly=True)
+        if table.denoisers[B].inflight:
+            [job_id] = table.denoisers[B].inflight
+            assert table.finish(B, job_id, table.jobs[job_id].attempt, IMAGES, 1.0)
+    assert seen.named("dead_letter") == [] and table.counts()["dead"] == 0
+
+
+def test_a_poison_job_is_still_given_up_beside_a_healthy_denoiser() -> None:
+    """A fresh peer's failures are set aside only while a proven denoiser has not tried the job: once it has failed
+    there too, every failure counts, and the job is buried instead of bouncing between the two forever."""
+    table, seen = table_with(jobs=2, max_attempts=3)
+    table.attach(B, "b", credits=1, now=0.0)
+    [(fine, _)] = send_all(table)
+    assert table.finish(B, fine, 1, IMAGES, 1.0)  # B has proven itself
+    table.attach(A, "a", credits=2, now=0.0)  # the freest: the job goes there first
+    for _ in range(10):
+        if (pick := table.pick()) is None:
+            break
+        job, denoiser = pick
+        table.sent(job, denoiser, now=0.0)
+        table.fail(denoiser.identity, job.job_id, job.attempt, "poison")
+    poison = next(job for job_id, job in table.jobs.items() if job_id != fine)
+    assert seen.named("dead_letter") == [poison.job_id] and poison.attempt == 4  # A's first failure set aside
+
+
 def test_quarantine_follows_the_curve_key_not_the_name_a_peer_gives() -> None:
     table, _ = table_with(jobs=1, max_attempts=3)
     for n in range(3):
