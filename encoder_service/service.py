@@ -93,11 +93,11 @@ def run_encoder(spec: EncodeSpec, stop: threading.Event, notice: Notice,
     cache = EmbeddingCache(spec.cache_dir / "embeddings")
     journal = Journal(spec.journal_path)
     meter = MemoryMeter(cuda_device=cuda_index(spec.config.device))
+    on_event, after_record = spec.faults.encoder_seam(on_event)
     dispatcher = bind_dispatcher(spec.link, journal, cache, meter, notice, on_event)
     watch_stop(stop, dispatcher.wakeup)
     on_bound()
-    model = start_model_thread(spec, spec.config, cache, meter, dispatcher.wakeup, notice,
-                               spec.faults.after_record())
+    model = start_model_thread(spec, spec.config, cache, meter, dispatcher.wakeup, notice, after_record)
     crashed: BaseException | None = None
     try:
         outcome = EncoderLoop(dispatcher, model, on_progress).run_file(list(spec.entries), spec.wait_s, stop)

@@ -19,12 +19,18 @@ from sdxl_split.shared.errors import UserError
 T = TypeVar("T")
 R = TypeVar("R")
 KILL_MARKER = ".sdxl-split-fault-kill"
+# A held encoder goes on after this long, so a link that never renders fails its test instead of hanging it.
+HOLD_LIMIT_S = 300.0
+EventSink = Callable[[str, str, dict], None]
 
 
 @dataclass(frozen=True)
 class Faults:
     # Encoder: seconds its model thread sleeps after handing over each record (a slow encoder).
     encode_delay_s: float = 0.0
+    # Encoder: after handing over this many records its model thread waits until a first image is done, so a test
+    # sees rendering overlap encoding by an event, not by racing a delay.
+    hold_after_records: int = 0
     # Denoiser: seconds it sleeps before each render (a slow GPU).
     render_delay_s: float = 0.0
     # Denoiser: seconds its model load takes longer (weights on a slow network disk).
@@ -35,9 +41,24 @@ class Faults:
     # node lost mid-job); once per output folder (a marker file there), not once per restarted process.
     kill_after_images: int = 0
 
-    def after_record(self) -> Callable[[], None]:
-        delay = self.encode_delay_s
-        return (lambda: time.sleep(delay)) if delay else (lambda: None)
+    def encoder_seam(self, on_event: EventSink) -> tuple[EventSink, Callable[[], None]]:
+        """The encoder's journal-event sink and the hook its model thread calls after each record, faults in."""
+        image_done = threading.Event()
+        handed = 0
+
+        def watch(event: str, job_id: str, fields: dict) -> None:
+            if event == "done":
+                image_done.set()
+            on_event(event, job_id, fields)
+
+        def after_record() -> None:
+            nonlocal handed
+            handed += 1
+            time.sleep(self.encode_delay_s)
+            if handed == self.hold_after_records:
+                image_done.wait(HOLD_LIMIT_S)
+
+        return (watch, after_record) if self.encode_delay_s or self.hold_after_records else (on_event, lambda: None)
 
     def wrap_render(self, render: Callable[..., R]) -> Callable[..., R]:
         if not (self.render_delay_s or self.hang_on_render):

@@ -32,6 +32,11 @@ def link(cache_dir: Path, tmp_path: Path):
     started.close()
 
 
+# The encoder holds its last prompt until an image is done: a link that rendered only after encoding would
+# never finish (and fail on the hang bound), one that streams shows the order below, on any machine's speed.
+HOLD_LAST_PROMPT = ("--fault", "hold_after_records=11")
+
+
 @pytest.mark.parametrize("first", ["denoiser", "encoder"])
 def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, tmp_path: Path, first: str) -> None:
     prompts, out = prompts_file(tmp_path), tmp_path / "out"
@@ -40,10 +45,10 @@ def test_streaming_overlaps_encoding_and_rendering(link: Link, cache_dir: Path, 
         link.wait_ready("denoiser")
         # Alone, it says once where it is looking for an encoder.
         wait_for(lambda: f"waiting for an encoder at {link.endpoint}" in link.log("denoiser"))
-        encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.4")
+        encoder = link.encoder(prompts, *HOLD_LAST_PROMPT)
     else:
-        # The denoiser starts after the first prompt is queued and must load while the other eleven encode.
-        encoder = link.encoder(prompts, "--fault", "encode_delay_s=0.8")
+        # The denoiser starts after the first prompt is queued and loads while the others encode.
+        encoder = link.encoder(prompts, *HOLD_LAST_PROMPT)
         wait_for(lambda: any(r["event"] == "queued" for r in journal_records(cache_dir)))
         denoiser = link.denoiser(out)
     summary = encoder_summary(link, encoder)
