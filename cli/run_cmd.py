@@ -131,7 +131,9 @@ def run(ctx: click.Context, prompts: Path | None, prompt_texts: tuple[str, ...],
         click.echo("error: the encoder stopped before it could report; re-run the same command to finish", err=True)
         sys.exit(EXIT_SOME_FAILED)
     click.echo(f"images in {config.out_dir}")
-    if outcome.interrupted or some_failed(summary):
+    if outcome.interrupted and not summary["interrupted"]:
+        click.echo("the stop came after the last image: nothing is left to re-run")
+    if some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
 
 

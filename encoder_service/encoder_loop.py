@@ -92,9 +92,11 @@ class EncoderLoop:
         leftovers = table.leftovers()
         for job in leftovers:
             self.dispatcher.journal.log("abandoned", job.job_id, state=job.state.value)
+        # A stop that came after the last image left nothing for a re-run: the run is complete, not interrupted.
+        unfinished = bool(leftovers) or stats is None or stats.hits + stats.encoded < stats.unique
         return FileOutcome(encode=stats, jobs=len(table.jobs), already_done=table.already_done, done=counts["done"],
                            dead_lettered=counts["dead"], abandoned=len(leftovers),
-                           denoisers_attached=table.ever_attached, interrupted=stop.is_set())
+                           denoisers_attached=table.ever_attached, interrupted=stop.is_set() and unfinished)
 
     def _serve_until_encoded(self, stop: threading.Event) -> EncodeStats | None:
         heartbeat = self.dispatcher.config.heartbeat_s

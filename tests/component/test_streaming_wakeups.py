@@ -1,6 +1,7 @@
 """The encoder's link loop is event-driven: a prompt that finishes encoding on the model thread is queued at once,
 not when the socket poll next times out. A text side that returns instantly shows it: fifty prompts take a
-fraction of one poll timeout each, where waiting for the timeout would cost fifty of them."""
+fraction of one poll timeout each, where waiting for the timeout would cost fifty of them. And a stop that comes
+after the last image leaves a complete run, not an interrupted one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import zmq
 
 from sdxl_split.encoder_service.config import LinkConfig
 from sdxl_split.encoder_service.dispatcher import Dispatcher
@@ -19,6 +21,7 @@ from sdxl_split.encoder_service.journal import Journal
 from sdxl_split.encoder_service.model_thread import EncoderModelThread
 from sdxl_split.encoder_service.service import cache_fetch
 from sdxl_split.encoder_service.text_side import EncodedPrompt
+from sdxl_split.shared import protocol as p
 from sdxl_split.shared.embedding_cache import EmbeddingCache
 from sdxl_split.shared.encoding_settings import EncodingSettings
 from sdxl_split.shared.memory import MemoryMeter
@@ -72,3 +75,51 @@ def test_finished_prompts_are_queued_without_waiting_for_the_poll_timeout(tmp_pa
     # Each encode (and the load before them) wakes the link loop; a loop that slept through the poll timeout
     # would take PROMPTS * POLL_S = 500 s. Five timeouts' worth leaves room for a loaded machine.
     assert seconds < 5 * POLL_S, f"{PROMPTS} instant encodes took {seconds:.1f} s"
+
+
+def instant_denoiser(endpoint: str, stop: threading.Event) -> None:
+    """A peer that answers every job at once with one image, until the encoder says BYE."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart(p.encode(p.Ready(credits=2, worker="instant", pid=1, device="cpu")))
+        while not stop.is_set():
+            if not sock.poll(100):
+                continue
+            message = p.decode(sock.recv_multipart())
+            if isinstance(message, p.Bye):
+                return
+            if isinstance(message, p.Job):
+                image = p.ImageDone(file=f"{message.job_id[:16]}.png", sha256=message.job_id[:64].ljust(64, "0"))
+                sock.send_multipart(p.encode(p.Done(job_id=message.job_id, attempt=message.attempt,
+                                                    images=(image,), seconds=0.01)))
+
+
+def test_a_stop_after_the_last_image_leaves_a_complete_run(tmp_path: Path) -> None:
+    entries = [PromptEntry(line=n + 1, prompt=f"prompt {n}") for n in range(4)]
+    settings = EncodingSettings(fingerprint="test", clip_skip=None, dtype="fp32", force_zeros=False)
+    link = LinkConfig(endpoint=f"ipc://{tempfile.mkdtemp(prefix='sxs-')}/link.ipc", heartbeat_s=0.2)
+    stop, done = threading.Event(), []
+
+    def on_event(event: str, job_id: str, fields: dict) -> None:
+        done.extend([job_id] if event == "done" else [])
+        if len(done) == len(entries):
+            stop.set()  # Ctrl-C, just after the last image
+
+    cache, meter = EmbeddingCache(tmp_path / "embeddings"), MemoryMeter()
+    dispatcher = Dispatcher(link, Journal(tmp_path / "journal.jsonl"), cache_fetch(cache), report=lambda m: None,
+                            on_event=on_event)
+    model = EncoderModelThread(EncodeContext(settings, cache, meter), InstantTextSide, dispatcher.wakeup)
+    peer_stop = threading.Event()
+    peer = threading.Thread(target=instant_denoiser, args=(link.endpoint, peer_stop), daemon=True)
+    peer.start()
+    try:
+        outcome = EncoderLoop(dispatcher, model).run_file(entries, wait_s=60.0, stop=stop)
+    finally:
+        model.close()
+        meter.close()
+        dispatcher.close()
+        peer_stop.set()
+        peer.join()
+    assert stop.is_set() and outcome.done == len(entries) and outcome.abandoned == 0
+    assert not outcome.interrupted, "nothing was left for a re-run, so the run is complete (exit 0)"
