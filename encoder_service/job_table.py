@@ -124,7 +124,8 @@ class JobTable:
         denoiser = self.denoisers.pop(identity, None)
         if denoiser is None:
             return
-        if not quiet or denoiser.inflight:
+        # A denoiser leaving in order while the run stops hands back the jobs it had not started: nothing to tell.
+        if (not quiet or denoiser.inflight) and not (orderly and self.draining):
             self.report(why + (f"; re-queueing {plural(len(denoiser.inflight), 'job')}" if denoiser.inflight else ""))
         blame_jobs = not orderly and (denoiser.finished_jobs > 0 or not self.denoisers)
         lost = 0
@@ -292,7 +293,8 @@ class JobTable:
         else:
             job.state = JobState.QUEUED
             self.queue.insert(0, job.job_id)
-            self.log("requeued", job.job_id, attempt=job.attempt, reason=reason)
+            self.log("requeued", job.job_id, attempt=job.attempt, reason=reason,
+                     **({"stopping": True} if self.draining else {}))
 
     def _bury(self, job: JobRecord, reason: str) -> None:
         job.state, job.held_by = JobState.DEAD, None

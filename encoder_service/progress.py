@@ -35,7 +35,7 @@ class EncodeProgress:
             self.images += len(fields.get("images") or [])
             self.jobs.set_postfix_str(plural(self.images, "image"), refresh=False)
             self.jobs.update(1)
-        elif name == "requeued":
+        elif name == "requeued" and not fields.get("stopping"):  # a stop's hand-backs are the stop line's story
             self.notice(f"re-queued job {job_id[:12]} (attempt {fields.get('attempt')}): {fields.get('reason')}")
         elif name == "failed" and fields.get("scope") == "job":
             self.notice(f"job {job_id[:12]} failed on {fields.get('worker')}: {fields.get('reason')}")

@@ -56,6 +56,7 @@ def test_sigint_to_run_alone_drains_like_ctrl_c(cache_dir: Path, tmp_path: Path)
     # One line, from run itself; its children say nothing of their own, and nobody says "press Ctrl-C".
     assert text.count("stopping:") == 1 and "re-run the same command to finish" in text
     assert "press Ctrl-C" not in text and "SIGTERM" not in text
+    assert "re-queu" not in text, "jobs a stopping denoiser hands back are the stop line's story, not news"
     assert 1 <= len(list(out.glob("*.png"))) < 10, "a drain renders what is in flight, not every remaining job"
     assert "terminate called" not in text and "leaked semaphore" not in text
     events = {r["event"] for r in journal_records(cache_dir)}
