@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from sdxl_split.cli.common import DTYPE_CHOICES, default_dtype
+from sdxl_split.shared.encoding_settings import MAX_CLIP_SKIP
 from sdxl_split.shared.prompts import SYNTAXES
 from sdxl_split.shared.settings import GlobalOptions
 
@@ -93,7 +94,7 @@ def _encoding_options(func, syntax: str, negative_for: str, per_line: str):
                           "Repeatable; the encoder alone needs it."),
         click.option("--embedding-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Every .safetensors textual inversion in this folder."),
-        click.option("--clip-skip", type=click.IntRange(0, 10), default=None,
+        click.option("--clip-skip", type=click.IntRange(0, MAX_CLIP_SKIP), default=None,
                      help="Skip this many final CLIP layers (as diffusers' clip_skip)."),
         click.option("--encoder-dtype", "encoder_dtype", type=click.Choice(DTYPE_CHOICES), default=None,
                      help="dtype of the cached embeddings [default: fp32 on cpu, else fp16]."),

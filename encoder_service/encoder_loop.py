@@ -68,7 +68,7 @@ class EncoderLoop:
             elif isinstance(item, RequestFinished):
                 finished = item.stats
             elif isinstance(item, RequestFailed):
-                raise UserError(item.reason)
+                raise item.error if item.error is not None else UserError(item.reason)
             elif isinstance(item, ModelThreadFailed):
                 raise item.error
         if finished is not None or any(isinstance(item, JobReady) for item in items):

@@ -55,6 +55,8 @@ class RequestFailed:
 
     tag: object
     reason: str
+    # Set when no bad input explains it (a bug): a prompt file's run raises it; a server fails only the request.
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,12 @@ class EncoderModelThread:
                                    should_stop=self._stop.is_set)
             except UserError as err:
                 self._hand(RequestFailed(request.tag, str(err)))
+                continue
+            except Exception as err:  # noqa: BLE001 - handed over; the loop decides what it costs
+                if self._text_side is None:  # nothing loaded: no request can be served
+                    self._hand(ModelThreadFailed(err))
+                    return
+                self._hand(RequestFailed(request.tag, f"internal error: {type(err).__name__}: {err}", err))
                 continue
             except BaseException as err:  # noqa: BLE001 - handed to the link loop, which raises it there
                 self._hand(ModelThreadFailed(err))

@@ -50,8 +50,9 @@ class GenerationListener(Protocol):
 
     def job_failed(self, index: int, reason: str) -> None: ...
 
-    def failed(self, reason: str) -> None:
-        """Nothing of it can be rendered (a LoRA its prompt names does not exist, say)."""
+    def failed(self, reason: str, internal: bool = False) -> None:
+        """Nothing of it can be rendered: a LoRA its prompt names does not exist, say, or (`internal`) a fault of
+        the server's own."""
 
 
 @dataclass
@@ -97,6 +98,12 @@ class ServeLoop(JobWatcher):
             self.dispatcher.table.give_up_stranded()
             self.dispatcher.pump(heartbeat)
 
+    def fail_all(self, reason: str) -> None:
+        """The loop cannot go on: every request it holds hears so, rather than waiting for ever."""
+        requests, self._requests = list(self._requests.values()), {}
+        for request in requests:
+            request.listener.failed(reason, internal=True)
+
     def _handle_commands(self) -> None:
         while True:
             try:
@@ -122,7 +129,9 @@ class ServeLoop(JobWatcher):
             elif isinstance(item, RequestFailed):
                 # Jobs it already queued (prompts found in the cache before the one that failed) stop too.
                 self._cancel(item.tag, item.reason, None)
-                request.listener.failed(item.reason)
+                request.listener.failed(item.reason, internal=item.error is not None)
+                if item.error is not None:
+                    self.dispatcher.report(f"error: request {item.tag}: {item.reason}; the server goes on")
         if any(isinstance(item, JobReady) for item in items):
             self.dispatcher.pump(0)  # hand the new jobs out now
 

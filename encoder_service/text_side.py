@@ -151,9 +151,19 @@ class TextSide:
         if len(self._negatives) > MAX_REMEMBERED_NEGATIVES:
             self._negatives.popitem(last=False)
 
+    def check_clip_skip(self, clip_skip: int | None) -> None:
+        """diffusers reads hidden state -(clip_skip + 2): a model with fewer layers than that is one line, not an
+        IndexError (the built-in tiny model has 4; SDXL's CLIP-L 12)."""
+        layers = min(encoder.config.num_hidden_layers for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2)
+                     if encoder is not None)
+        if clip_skip and clip_skip > layers - 1:
+            raise UserError(f"skipping {clip_skip} final CLIP layers goes deeper than this model's text encoders "
+                            f"({layers} layers): at most {layers - 1} can be skipped")
+
     @torch.inference_mode()
     def encode(self, entries: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
         """Encode prompts that share one negative mode (all given, or all absent) in one forward pass."""
+        self.check_clip_skip(clip_skip)
         has_negative = entries[0].negative_prompt is not None
         if any((e.negative_prompt is not None) != has_negative for e in entries):
             raise ValueError("a batch must not mix prompts with and without a negative prompt")
@@ -193,6 +203,7 @@ class TextSide:
     @torch.inference_mode()
     def encode_compiled(self, entry: PromptEntry, clip_skip: int | None, syntax: str) -> EncodedPrompt:
         """One prompt in a1111, comfy or compel syntax: [1, 77*k, 2048] tensors, nothing truncated."""
+        self.check_clip_skip(clip_skip)
         if syntax == "compel":
             tensors = self._compel(entry)
         else:

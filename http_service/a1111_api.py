@@ -19,6 +19,7 @@ from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.infotext import parse_infotext
 from sdxl_split.http_service.samplers import UnknownSampler, sampler_items, scheduler_for, scheduler_items
 from sdxl_split.http_service.server_state import ServerState, b64, images_of, infotext, state
+from sdxl_split.shared.encoding_settings import MAX_CLIP_SKIP
 from sdxl_split.shared.image_settings import SCHEDULERS
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -85,8 +86,10 @@ def ask_of(body: Txt2ImgRequest, server: ServerState) -> Ask:
     except UnknownSampler as err:
         raise FieldProblem("sampler_name", str(err)) from None
     layers = (body.override_settings or {}).get("CLIP_stop_at_last_layers")
-    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
-        raise FieldProblem("override_settings", "CLIP_stop_at_last_layers must be a whole number of 1 or more")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
+                               or not 1 <= layers <= MAX_CLIP_SKIP + _CLIP_SKIP_BASE):
+        raise FieldProblem("override_settings", "CLIP_stop_at_last_layers must be a whole number from 1 to "
+                                                f"{MAX_CLIP_SKIP + _CLIP_SKIP_BASE}")
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
               "batch_size": body.batch_size, "batches": body.n_iter, "width": body.width, "height": body.height,
               "steps": body.steps, "guidance": body.cfg_scale, "scheduler": scheduler,
@@ -240,5 +243,7 @@ async def png_info(body: PngInfoRequest) -> dict[str, Any]:
             items = {key: value for key, value in image.info.items() if isinstance(value, str)}
     except (binascii.Error, ValueError, UnidentifiedImageError):
         raise FieldProblem("image", "image must be a base64 PNG (a data: URL prefix is allowed)") from None
+    except (OSError, Image.DecompressionBombError) as err:  # cut short, or a header claiming billions of pixels
+        raise FieldProblem("image", f"image is not a whole, sane PNG ({err}); send the file as saved") from None
     text = items.pop("parameters", "")
     return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}

@@ -106,6 +106,8 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GenerationFailed)
     async def cannot_encode(request: Request, err: GenerationFailed) -> JSONResponse:
+        if err.internal:
+            return _error(request, 500, str(err), kind="internal_error")
         return _error(request, 422, str(err), "prompt")
 
     @app.exception_handler(QueueFull)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdxl_split.encoder_service.serve_loop import Generation
+from sdxl_split.shared.encoding_settings import MAX_CLIP_SKIP
 from sdxl_split.shared.image_settings import (
     MAX_STEPS,
     JobOptions,
@@ -27,7 +28,6 @@ from sdxl_split.shared.prompts import (
 )
 
 MAX_IMAGES_PER_REQUEST = MAX_COUNT
-MAX_CLIP_SKIP = 12
 
 
 class FieldProblem(ValueError):

@@ -27,7 +27,12 @@ class QueueFull(Exception):
 
 
 class GenerationFailed(Exception):
-    """Nothing of the request could be rendered; the message says why."""
+    """Nothing of the request could be rendered; the message says why. `internal`: the server's fault (500), not
+    the request's (422)."""
+
+    def __init__(self, reason: str, internal: bool = False) -> None:
+        super().__init__(reason)
+        self.internal = internal
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Tracker:
     previews: asyncio.Queue = field(default_factory=asyncio.Queue)  # preview PNGs, for a streaming client
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    internal: bool = False  # the error is the server's fault, not the request's
 
     @property
     def fraction(self) -> float:
@@ -93,9 +99,9 @@ class _Listener:
     def job_failed(self, index: int, reason: str) -> None:
         self._later(lambda: _finished(self._tracker, index, failed=reason))
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, internal: bool = False) -> None:
         def fail() -> None:
-            self._tracker.error = reason
+            self._tracker.error, self._tracker.internal = reason, internal
             self._tracker.done.set()
 
         self._later(fail)
@@ -142,7 +148,11 @@ class Broker:
         generation = entries_for(request_id)
         tracker = Tracker(request_id, [JobView() for _ in generation.entries])
         self.active[request_id] = tracker
-        self.engine.submit(generation, _Listener(asyncio.get_running_loop(), tracker))
+        try:
+            self.engine.submit(generation, _Listener(asyncio.get_running_loop(), tracker))
+        except Exception:
+            del self.active[request_id]  # refused (the engine is down): it holds no place in the queue
+            raise
         return tracker
 
     def end(self, tracker: Tracker) -> None:
@@ -182,4 +192,4 @@ class Broker:
         if not tracker.done.is_set():
             self.cancel(tracker, "the HTTP client disconnected")
         if tracker.error is not None and not tracker.interrupted:
-            raise GenerationFailed(tracker.error)
+            raise GenerationFailed(tracker.error, tracker.internal)

@@ -70,9 +70,10 @@ class Engine:
     def _serve(self) -> None:
         try:
             self.loop.run(self._stop)
-        except Exception as err:  # noqa: BLE001 - said once, and every request from now on is told
+        except Exception as err:  # noqa: BLE001 - said once, and every request, held or to come, is told
             self.failure = f"{type(err).__name__}: {err}"
             self.notice(f"error: the engine stopped: {self.failure}")
+            self.loop.fail_all(f"the engine stopped: {self.failure}")
 
     # ---- for the HTTP side (any thread) ----
     def submit(self, generation: Generation, listener: GenerationListener) -> None:

@@ -20,6 +20,8 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 # A compiled prompt is up to MAX_CHUNKS chunks of CLIP's CHUNK_LEN tokens (BOS, 75, EOS).
 CHUNK_LEN = 77
 MAX_CHUNKS = 8
+# diffusers' clip_skip: final CLIP layers skipped. SDXL's CLIP-L has 12; a model may have fewer (checked on load).
+MAX_CLIP_SKIP = 10
 
 
 @dataclass(frozen=True)

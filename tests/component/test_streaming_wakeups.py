@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import zmq
@@ -18,7 +19,7 @@ from sdxl_split.encoder_service.dispatcher import Dispatcher
 from sdxl_split.encoder_service.encode_pass import EncodeContext
 from sdxl_split.encoder_service.encoder_loop import EncoderLoop
 from sdxl_split.encoder_service.journal import Journal
-from sdxl_split.encoder_service.model_thread import EncoderModelThread
+from sdxl_split.encoder_service.model_thread import EncodeRequest, EncoderModelThread, RequestFailed
 from sdxl_split.encoder_service.service import cache_fetch
 from sdxl_split.encoder_service.text_side import EncodedPrompt
 from sdxl_split.shared import protocol as p
@@ -123,3 +124,32 @@ def test_a_stop_after_the_last_image_leaves_a_complete_run(tmp_path: Path) -> No
         peer.join()
     assert stop.is_set() and outcome.done == len(entries) and outcome.abandoned == 0
     assert not outcome.interrupted, "nothing was left for a re-run, so the run is complete (exit 0)"
+
+
+class BrokenTextSide(InstantTextSide):
+    """Loads, then fails every encode with a bug's exception (no bad input explains it)."""
+
+    def encode(self, batch: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:
+        raise IndexError("tuple index out of range")
+
+
+def test_a_bug_while_encoding_fails_its_request_and_the_model_thread_goes_on(tmp_path: Path) -> None:
+    """A server must survive one request's bug; a prompt file's run raises it (EncoderLoop), as before."""
+    settings = EncodingSettings(fingerprint="test", clip_skip=None, dtype="fp32", force_zeros=False)
+    handed = threading.Event()
+    meter = MemoryMeter()
+    model = EncoderModelThread(EncodeContext(settings, EmbeddingCache(tmp_path / "embeddings"), meter),
+                               BrokenTextSide, SimpleNamespace(set=handed.set))
+    try:
+        failed = []
+        for tag in ("first", "second"):
+            model.submit(EncodeRequest((PromptEntry(line=1, prompt=f"a {tag} fox"),), tag=tag))
+            while not failed or failed[-1].tag != tag:
+                assert handed.wait(60), "the model thread went quiet"
+                handed.clear()
+                failed += model.take()
+        assert [(item.tag, type(item.error)) for item in failed] == [("first", IndexError), ("second", IndexError)]
+        assert all(isinstance(item, RequestFailed) and "internal error: IndexError" in item.reason for item in failed)
+    finally:
+        model.close()
+        meter.close()

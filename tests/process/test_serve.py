@@ -3,6 +3,8 @@ and the openai SDK, plus httpx for what those clients cannot send."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import threading
@@ -39,6 +41,16 @@ def server(cache: Path, tmp_path_factory):
         yield started
     finally:
         started.close()
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def a1111(server: Server) -> webuiapi.WebUIApi:
@@ -163,6 +175,19 @@ def test_bad_requests_get_422_with_the_field_and_the_server_keeps_serving(server
     assert openai_bad.status_code == 422 and openai_bad.json()["error"]["param"] == "size"
     garbage = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": "not base64!"}, timeout=60)
     assert garbage.status_code == 422 and "Traceback" not in garbage.text
+    cut_short = base64.b64encode(png_bytes(Image.new("RGB", (64, 64)), "a red fox, " * 100)[:200]).decode()
+    truncated = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": cut_short}, timeout=60)
+    assert truncated.status_code == 422 and "not a whole, sane PNG" in truncated.text
+    # A clip skip past A1111's own bound, then one within it but deeper than the tiny model's 4 layers: each a
+    # 422, and the engine still serves (one such request used to stop it for good).
+    for layers, says in ((13, "from 1 to 12"), (6, "at most 3 can be skipped")):
+        deep = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
+            "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {
+                "CLIP_stop_at_last_layers": layers}})
+        assert deep.status_code == 422 and says in deep.text, deep.text
+    fine = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
+        "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 5}})
+    assert fine.status_code == 200 and len(fine.json()["images"]) == 1, fine.text
     # curl -d without a content type sends a form: the answer names the header to add
     form = {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/x-www-form-urlencoded"}}
     as_form = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60, **form)
