@@ -118,6 +118,7 @@ def _run(server, engine, host: str, port: int) -> None:
         import uvicorn
 
         from sdxl_split.http_service.app import create_app
+        from sdxl_split.http_service.stopping_server import StoppingServer
     except ImportError:
         raise UserError("serve needs the serve extra: pip install 'sdxl-split[serve]'") from None
     # IPPROTO_TCP said outright: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and
@@ -134,7 +135,7 @@ def _run(server, engine, host: str, port: int) -> None:
     notice(f"serving on http://{host}:{bound}: A1111 /sdapi/v1, OpenAI /v1/images/generations, /health")
     app = create_app(server, engine.health)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[listening])
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        StoppingServer(config, server.broker, notice).run(sockets=[listening])
     finally:
-        notice("stopping: requests in flight are cancelled; the denoisers finish their image and leave")
         engine.close()

@@ -169,6 +169,11 @@ class Broker:
             job.finished = True
         tracker.done.set()
 
+    def cancel_all(self, reason: str) -> None:
+        """The server is stopping: every request it holds ends now, with what finished."""
+        for tracker in list(self.active.values()):
+            self.cancel(tracker, reason)
+
     def skip(self, tracker: Tracker) -> None:
         """A1111's skip: the jobs now rendering stop, the request goes on with the rest."""
         running = [index for index, job in enumerate(tracker.jobs) if job.step and not job.finished]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -223,5 +224,16 @@ def test_a_key_a_full_queue_and_remote_denoisers_one_killed_mid_job(cache: Path,
         server.remote_denoiser(name="survivor")
         first.join(timeout=hang_bound(300))
         assert not first.is_alive() and len(answer["r"].images) == 1
+        # Ctrl-C with a 1000-step request in flight: it is cancelled (its client gets what finished: nothing), and
+        # the server exits now, not when the request would have ended.
+        endless = threading.Thread(target=lambda: answer.update(r=api.txt2img(prompt="a long one", steps=1000,
+                                                                              width=64, height=64)))
+        endless.start()
+        wait_until(lambda: api.get_progress()["state"]["sampling_step"] > 0, what="the long request's first step")
+        server.proc.send_signal(signal.SIGINT)
+        endless.join(timeout=hang_bound(60))
+        assert not endless.is_alive() and answer["r"].images == []
+        assert server.proc.wait(timeout=hang_bound(60)) == 0, server.log()
+        assert server.log().count("stopping: requests in flight are cancelled") == 1
     finally:
         server.close()
