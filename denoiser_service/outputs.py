@@ -14,6 +14,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl_split.shared.atomic import append_line, atomic_write_bytes
+from sdxl_split.shared.encoding_settings import A1111_CLIP_SKIP_BASE
 
 MANIFEST = "manifest.jsonl"
 CONFIG_CHUNK = "sdxl-split"
@@ -45,6 +46,7 @@ class ImageMeta:
         lines.append(
             f"Steps: {c['steps']}, Sampler: {self.sampler}, CFG scale: {c['guidance']}, Seed: {self.seed}, "
             f"Size: {c['width']}x{c['height']}, Model hash: {self.model_hash[:10]}, Model: {self.model}"
+            + (f", Clip skip: {c['clip_skip'] + A1111_CLIP_SKIP_BASE}" if c.get("clip_skip") else "")
             + (f', Lora hashes: "{self.lora_hashes}"' if self.lora_hashes else "")
             + (f', TI hashes: "{self.ti_hashes}"' if self.ti_hashes else "")
             + (f", Prompt syntax: {syntax}" if (syntax := self.prompt_syntax()) else "")

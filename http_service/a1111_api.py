@@ -19,13 +19,10 @@ from sdxl_split.http_service.asks import Ask, FieldProblem, check_ask
 from sdxl_split.http_service.infotext import parse_infotext
 from sdxl_split.http_service.samplers import UnknownSampler, sampler_items, scheduler_for, scheduler_items
 from sdxl_split.http_service.server_state import ServerState, b64, images_of, infotext, state
-from sdxl_split.shared.encoding_settings import MAX_CLIP_SKIP
+from sdxl_split.shared.encoding_settings import A1111_CLIP_SKIP_BASE, MAX_CLIP_SKIP
 from sdxl_split.shared.image_settings import SCHEDULERS
 
 router = APIRouter(prefix="/sdapi/v1")
-# A1111 asks CLIP_stop_at_last_layers: 1 and 2 are SDXL's own penultimate layer (as A1111 and ComfyUI read it);
-# each one past 2 skips one more layer, which is diffusers' clip_skip.
-_CLIP_SKIP_BASE = 2
 
 
 class Txt2ImgRequest(BaseModel):
@@ -87,13 +84,13 @@ def ask_of(body: Txt2ImgRequest, server: ServerState) -> Ask:
         raise FieldProblem("sampler_name", str(err)) from None
     layers = (body.override_settings or {}).get("CLIP_stop_at_last_layers")
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
-                               or not 1 <= layers <= MAX_CLIP_SKIP + _CLIP_SKIP_BASE):
+                               or not 1 <= layers <= MAX_CLIP_SKIP + A1111_CLIP_SKIP_BASE):
         raise FieldProblem("override_settings", "CLIP_stop_at_last_layers must be a whole number from 1 to "
-                                                f"{MAX_CLIP_SKIP + _CLIP_SKIP_BASE}")
+                                                f"{MAX_CLIP_SKIP + A1111_CLIP_SKIP_BASE}")
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
               "batch_size": body.batch_size, "batches": body.n_iter, "width": body.width, "height": body.height,
               "steps": body.steps, "guidance": body.cfg_scale, "scheduler": scheduler,
-              "clip_skip": max(0, layers - _CLIP_SKIP_BASE) if layers else None}
+              "clip_skip": max(0, layers - A1111_CLIP_SKIP_BASE) if layers else None}
     return check_ask(fields, settings.defaults, _NAMES)
 
 
@@ -111,7 +108,7 @@ def _info(ask: Ask, server: ServerState, texts: list[str]) -> dict[str, Any]:
         "sd_model_hash": server.settings.model.hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (ask.clip_skip or 0) + _CLIP_SKIP_BASE,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (ask.clip_skip or 0) + A1111_CLIP_SKIP_BASE,
         "is_using_inpainting_conditioning": False, "version": server.settings.version,
     }
 

@@ -109,6 +109,7 @@ async def _events(server: ServerState, tracker: Tracker, ask: Ask, partial: int,
     common = {"size": _size_text(ask), "quality": "auto", "background": "opaque", "output_format": "png"}
     # The response watches for the client leaving (and closes this generator); no second reader of the socket.
     waiting = asyncio.ensure_future(run_to_end(server, tracker, request, watch_client=False))
+    preview: asyncio.Future | None = None
     try:
         sent = 0
         while not waiting.done():
@@ -131,6 +132,8 @@ async def _events(server: ServerState, tracker: Tracker, ask: Ask, partial: int,
     except Exception as err:  # noqa: BLE001 - the stream has begun: an error can only be an event now
         yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n".encode()
     finally:
+        if preview is not None:
+            preview.cancel()  # a client that left cancels this generator mid-wait: no task is left pending
         if not waiting.done():
             waiting.cancel()
             server.broker.cancel(tracker, "the HTTP client disconnected")

@@ -22,6 +22,9 @@ CHUNK_LEN = 77
 MAX_CHUNKS = 8
 # diffusers' clip_skip: final CLIP layers skipped. SDXL's CLIP-L has 12; a model may have fewer (checked on load).
 MAX_CLIP_SKIP = 10
+# A1111's "Clip skip" (CLIP_stop_at_last_layers) for no clip skip here: 1 and 2 both read SDXL's own penultimate
+# layer (as A1111 and ComfyUI read it), each one past 2 skips one more, which is diffusers' clip_skip.
+A1111_CLIP_SKIP_BASE = 2
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,7 @@ def test_bad_requests_get_422_with_the_field_and_the_server_keeps_serving(server
     fine = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
         "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 5}})
     assert fine.status_code == 200 and len(fine.json()["images"]) == 1, fine.text
+    assert "Clip skip: 5" in json.loads(fine.json()["info"])["infotexts"][0]  # as A1111 writes it
     # curl -d without a content type sends a form: the answer names the header to add
     form = {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/x-www-form-urlencoded"}}
     as_form = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60, **form)

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdxl_split.denoiser_service.outputs import ImageMeta, OutputDir
+from sdxl_split.http_service.infotext import parse_infotext
 
 
 def meta(image_id: str) -> ImageMeta:
@@ -27,3 +28,12 @@ def test_two_writers_sharing_a_folder_list_each_image_once(tmp_path: Path) -> No
     OutputDir(tmp_path).adopt("a.png", meta("a" * 64))  # a later run
     ids = [json.loads(line)["image_id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert sorted(ids) == ["a" * 64, "b" * 64]
+
+
+def test_a_clip_skip_is_written_as_a1111_writes_it_and_none_is_not_written() -> None:
+    """diffusers' clip_skip 3 is A1111's "Clip skip: 5" (its 1 and 2 both read SDXL's penultimate layer)."""
+    plain = meta("a" * 64)
+    skipped = ImageMeta(**{**plain.__dict__, "config": {**plain.config, "clip_skip": 3}})
+    assert "Clip skip" not in plain.a1111_parameters()
+    assert skipped.a1111_parameters().splitlines()[-1].endswith("Model: tiny, Clip skip: 5")
+    assert parse_infotext(skipped.a1111_parameters())["Clip skip"] == "5"
