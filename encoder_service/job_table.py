@@ -190,8 +190,9 @@ class JobTable:
         said it cannot render it."""
         ready = [w for w in ready if w.key not in job.refused_by]
         fresh = [w for w in ready if w.identity not in job.failed_on]
-        others = [*self.denoisers, *self.coming]
-        if not fresh and any(identity not in job.failed_on for identity in others):
+        # Those that may still take it: not one that said it cannot (by key: it may have reconnected since).
+        others = [identity for identity, other in self.denoisers.items() if other.key not in job.refused_by]
+        if not fresh and any(identity not in job.failed_on for identity in [*others, *self.coming]):
             return None  # wait for a denoiser that has not failed it yet (maybe one still loading)
         pool = fresh or ready
         return max(pool, key=lambda w: (w.credits, -len(w.inflight))) if pool else None
@@ -258,6 +259,7 @@ class JobTable:
             # finished jobs has not tried: a peer failing jobs under a new connection each time would otherwise
             # bury good jobs beside a healthy one.
             healthy_untried = any(other.finished_jobs and other_id not in job.failed_on
+                                  and other.key not in job.refused_by
                                   for other_id, other in self.denoisers.items() if other_id != identity)
             if denoiser.finished_jobs or not healthy_untried:
                 job.failures += 1

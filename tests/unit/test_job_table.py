@@ -233,6 +233,26 @@ def test_a_poison_job_is_still_given_up_beside_a_healthy_denoiser() -> None:
     assert seen.named("dead_letter") == [poison.job_id] and poison.attempt == 4  # A's first failure set aside
 
 
+def test_a_job_refused_by_a_denoiser_that_reconnected_is_not_held_back_for_it() -> None:
+    """Under CURVE a refusal follows the key: a denoiser that said it cannot render a job, and came back on a new
+    connection, is neither waited for nor counted as one that has yet to try it."""
+    table, seen = table_with(jobs=2, max_attempts=2)
+    table.attach(A, "a", credits=1, now=0.0, key="curve:A")
+    [(job_id, _)] = send_all(table)
+    assert table.fail(A, job_id, 1, "no such LoRA here", scope="denoiser")
+    table.lose(A, "left", orderly=True)
+    again = b"denoiser-a-again"
+    table.attach(again, "a", credits=1, now=1.0, key="curve:A")
+    [(other, _)] = send_all(table)  # it takes the other job, and finishes it: a proven denoiser
+    assert other != job_id and table.finish(again, other, 1, IMAGES, 1.0)
+    table.attach(B, "b", credits=1, now=2.0, key="curve:B")
+    assert send_all(table) == [(job_id, B)]
+    assert table.fail(B, job_id, 2, "boom")
+    assert table.jobs[job_id].failures == 1  # A's refusal is no try: B's failure counts
+    assert send_all(table) == [(job_id, B)]  # back to B, not held for A
+    assert table.fail(B, job_id, 3, "boom") and seen.named("dead_letter") == [job_id]
+
+
 def test_quarantine_follows_the_curve_key_not_the_name_a_peer_gives() -> None:
     table, _ = table_with(jobs=1, max_attempts=3)
     for n in range(3):
