@@ -73,11 +73,18 @@ class ServeLoop(JobWatcher):
         self._requests: dict[str, _Request] = {}
         # job id -> the (request, job index) pairs waiting for it
         self._waiters: dict[str, list[tuple[str, int]]] = {}
+        # Set once the loop cannot go on; under the lock, so no request is queued after fail_all has looked.
+        self._failure: str | None = None
+        self._failure_lock = threading.Lock()
         dispatcher.watcher = self
 
     # ---- from any thread ----
     def submit(self, generation: Generation, listener: GenerationListener) -> None:
-        self._command(lambda: self._submit(generation, listener))
+        with self._failure_lock:
+            if self._failure is None:
+                self._command(lambda: self._submit(generation, listener))
+                return
+        listener.failed(self._failure, internal=True)
 
     def cancel(self, request_id: str, reason: str, indexes: tuple[int, ...] | None = None) -> None:
         """Drop a request (or only the jobs at `indexes`, A1111's skip); its listener hears nothing more of them."""
@@ -99,7 +106,11 @@ class ServeLoop(JobWatcher):
             self.dispatcher.pump(heartbeat)
 
     def fail_all(self, reason: str) -> None:
-        """The loop cannot go on: every request it holds hears so, rather than waiting for ever."""
+        """The loop cannot go on: every request it holds, or was handed and has not read yet, hears so rather than
+        waiting for ever; any submitted later hears it at once. On the loop's thread, after run() raised."""
+        with self._failure_lock:
+            self._failure = reason
+        self._handle_commands()  # the submits queued before: they join the requests answered below
         requests, self._requests = list(self._requests.values()), {}
         for request in requests:
             request.listener.failed(reason, internal=True)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from sdxl_split.http_service import a1111_api, openai_api
 from sdxl_split.http_service.asks import FieldProblem
-from sdxl_split.http_service.broker import GenerationFailed, QueueFull
+from sdxl_split.http_service.broker import GenerationFailed, QueueFull, Stopping
 from sdxl_split.http_service.engine import EngineDown
 from sdxl_split.http_service.server_state import RenderFailed, ServerState
 
@@ -107,13 +107,17 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(GenerationFailed)
     async def cannot_encode(request: Request, err: GenerationFailed) -> JSONResponse:
         if err.internal:
-            return _error(request, 500, str(err), kind="internal_error")
+            return _error(request, 500, str(err), kind="server_error")
         return _error(request, 422, str(err), "prompt")
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
         return _error(request, 503, f"the server is busy; try again in {err.retry_after_s} s", kind="server_busy",
                       headers={"Retry-After": str(err.retry_after_s)})
+
+    @app.exception_handler(Stopping)
+    async def stopping(request: Request, err: Stopping) -> JSONResponse:
+        return _error(request, 503, "the server is stopping; send the request to another", kind="server_stopping")
 
     @app.exception_handler(EngineDown)
     async def engine_down(request: Request, err: EngineDown) -> JSONResponse:

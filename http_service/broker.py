@@ -26,6 +26,10 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Stopping(Exception):
+    """The server is shutting down: a request that arrives now is refused (503), not left to hold the stop."""
+
+
 class GenerationFailed(Exception):
     """Nothing of the request could be rendered; the message says why. `internal`: the server's fault (500), not
     the request's (422)."""
@@ -132,6 +136,7 @@ class Broker:
         self.engine = engine
         self.max_queue = max_queue
         self.active: dict[str, Tracker] = {}
+        self.stopping = False
         self._numbers = itertools.count(1)
         # Seconds a request took lately: what a client told to come back later is told to wait.
         self._recent_s: list[float] = []
@@ -142,6 +147,8 @@ class Broker:
 
     def start(self, entries_for: Callable[[str], Generation]) -> Tracker:
         """Accept a request (or raise QueueFull) and hand it to the engine; `entries_for(request_id)` makes it."""
+        if self.stopping:
+            raise Stopping("the server is stopping")
         if len(self.active) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
         request_id = f"r{next(self._numbers)}-{secrets.token_hex(4)}"
@@ -170,7 +177,9 @@ class Broker:
         tracker.done.set()
 
     def cancel_all(self, reason: str) -> None:
-        """The server is stopping: every request it holds ends now, with what finished."""
+        """The server is stopping: every request it holds ends now, with what finished, and none is taken after
+        (a keep-alive client's next request would otherwise hold the shutdown for its whole length)."""
+        self.stopping = True
         for tracker in list(self.active.values()):
             self.cancel(tracker, reason)
 

@@ -32,10 +32,13 @@ class StoppingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: the broker belongs to the event loop, so the cancel is handed to it.
         if not self.should_exit and self._loop is not None:
-            self._notice("stopping: requests in flight are cancelled (their clients get what finished); the "
-                         "denoisers finish their image and leave")
-            self._loop.call_soon_threadsafe(self._broker.cancel_all, "the server is stopping")
+            self._loop.call_soon_threadsafe(self._stop_requests)
         super().handle_exit(sig, frame)
+
+    def _stop_requests(self) -> None:
+        self._notice("stopping: requests in flight are cancelled (their clients get what finished); the denoisers "
+                     "stop at their next step and leave")
+        self._broker.cancel_all("the server is stopping")
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -112,7 +112,21 @@ def test_a_fault_of_the_servers_own_is_a_500_not_a_422() -> None:
         a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox"})
         assert a1111.status_code == 500 and "IndexError" in a1111.text, a1111.text
         openai = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64"})
-        assert openai.status_code == 500 and openai.json()["error"]["type"] == "internal_error"
+        assert openai.status_code == 500 and openai.json()["error"]["type"] == "server_error"
+
+
+def test_once_stopping_the_server_takes_no_new_request() -> None:
+    """A keep-alive client's next request, arriving after Ctrl-C cancelled the others, is refused: it would hold
+    uvicorn's shutdown for its whole length."""
+    engine = FailingEngine()
+    broker = Broker(engine, max_queue=4)
+    defaults = Defaults(width=64, height=64, steps=2, guidance=5.0, scheduler="euler", syntax="a1111",
+                        preview_every=0)
+    settings = ServerSettings(defaults=defaults, model=ModelInfo("tiny", "0123456789"), max_queue=4, version="test")
+    with TestClient(create_app(ServerState(settings, broker), engine.health), raise_server_exceptions=False) as client:
+        broker.cancel_all("the server is stopping")
+        answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox"})
+        assert answer.status_code == 503 and "stopping" in answer.text and not engine.generations
 
 
 def test_a_serve_loop_that_cannot_go_on_tells_every_request_it_holds() -> None:
@@ -132,5 +146,7 @@ def test_a_serve_loop_that_cannot_go_on_tells_every_request_it_holds() -> None:
         loop.submit(Generation(f"r{n}", (PromptEntry(line=1, prompt="a fox"),)), Listener())
     with pytest.raises(RuntimeError):
         loop.run(threading.Event())
+    loop.submit(Generation("r2", (PromptEntry(line=1, prompt="a fox"),)), Listener())  # queued, never read
     loop.fail_all("the engine stopped: RuntimeError: the text model is gone")
-    assert heard == [("the engine stopped: RuntimeError: the text model is gone", True)] * 2
+    loop.submit(Generation("r3", (PromptEntry(line=1, prompt="a fox"),)), Listener())  # after: told at once
+    assert heard == [("the engine stopped: RuntimeError: the text model is gone", True)] * 4
