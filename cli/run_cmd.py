@@ -131,10 +131,10 @@ def run(ctx: click.Context, prompts: Path | None, prompt_texts: tuple[str, ...],
         click.echo("error: the encoder stopped before it could report; re-run the same command to finish", err=True)
         sys.exit(EXIT_SOME_FAILED)
     click.echo(f"images in {config.out_dir}")
-    if outcome.interrupted and not summary["interrupted"]:
-        click.echo("the stop came after the last image: nothing is left to re-run")
     if some_failed(summary):
         sys.exit(EXIT_SOME_FAILED)
+    if outcome.interrupted:
+        click.echo("the stop came after the last image: nothing is left to re-run")
 
 
 def _all_rendered(encoding, serving, config, choice: Encoding, opts: GlobalOptions) -> bool:

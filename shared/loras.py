@@ -146,6 +146,9 @@ class LoraFinder:
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return self._load(path)
+        if path.is_dir():
+            raise UserError(f"LoRA {path.absolute()} is a folder; give a .safetensors file, or the folder as "
+                            "--lora-dir and the file's name")
         if plain_name_problem(name_or_path):  # a path, not a name: say which file is missing, not how names go
             raise UserError(f"LoRA file {path.absolute()} not found; check the path (a relative one is taken from "
                             "the folder the command runs in)")

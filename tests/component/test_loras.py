@@ -231,6 +231,8 @@ def test_a_lora_path_that_does_not_exist_is_named_as_a_missing_file(session_cach
     entry = PromptEntry(line=1, prompt="a cat", loras=((missing, 0.7),) if where == "jsonl" else None)
     with pytest.raises(UserError, match=f"LoRA file {missing} not found; check the path"):
         ExtrasResolver(flag, None, (), None, session_cache).resolve(entry)  # a flag fails here, a line on resolve
+    with pytest.raises(UserError, match="is a folder; give a .safetensors file"):
+        ExtrasResolver(((str(tmp_path), 0.7),), None, (), None, session_cache)
 
 
 def test_a_jsonl_lora_name_with_a_path_in_it_is_refused_naming_the_line(tmp_path: Path) -> None:
