@@ -77,6 +77,9 @@ class EncoderModelThread:
         self._context = context
         self._load = load_text_side
         self._text_side = None
+        # The deepest clip skip the loaded text encoders allow, for fronts to check requests against; None until
+        # the text side has loaded (it loads on the first request).
+        self.max_clip_skip: int | None = None
         self._wakeup = wakeup
         self._threads = threads
         # A fault hook (shared.faults): runs on this thread after each record is handed over.
@@ -116,6 +119,7 @@ class EncoderModelThread:
     def _text_side_once(self):
         if self._text_side is None:
             self._text_side = self._load()
+            self.max_clip_skip = getattr(self._text_side, "max_clip_skip", None)
         return self._text_side
 
     def _serve(self) -> None:

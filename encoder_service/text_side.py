@@ -151,11 +151,16 @@ class TextSide:
         if len(self._negatives) > MAX_REMEMBERED_NEGATIVES:
             self._negatives.popitem(last=False)
 
+    @property
+    def max_clip_skip(self) -> int:
+        """diffusers reads hidden state -(clip_skip + 2): the shallower encoder's layers less one (the built-in tiny
+        model has 4 layers; SDXL's CLIP-L 12)."""
+        return min(encoder.config.num_hidden_layers for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2)
+                   if encoder is not None) - 1
+
     def check_clip_skip(self, clip_skip: int | None) -> None:
-        """diffusers reads hidden state -(clip_skip + 2): a model with fewer layers than that is one line, not an
-        IndexError (the built-in tiny model has 4; SDXL's CLIP-L 12)."""
-        layers = min(encoder.config.num_hidden_layers for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2)
-                     if encoder is not None)
+        """A clip skip deeper than this model's text encoders is one line, not an IndexError."""
+        layers = self.max_clip_skip + 1
         if clip_skip and clip_skip > layers - 1:
             raise UserError(f"skipping {clip_skip} final CLIP layers goes deeper than this model's text encoders "
                             f"({layers} layers): at most {layers - 1} can be skipped")

@@ -87,6 +87,10 @@ def ask_of(body: Txt2ImgRequest, server: ServerState) -> Ask:
                                or not 1 <= layers <= MAX_CLIP_SKIP + A1111_CLIP_SKIP_BASE):
         raise FieldProblem("override_settings", "CLIP_stop_at_last_layers must be a whole number from 1 to "
                                                 f"{MAX_CLIP_SKIP + A1111_CLIP_SKIP_BASE}")
+    deepest = server.broker.engine.max_clip_skip()  # None before the first request loads the text encoders
+    if layers is not None and deepest is not None and layers - A1111_CLIP_SKIP_BASE > deepest:
+        raise FieldProblem("override_settings", f"CLIP_stop_at_last_layers {layers} goes deeper than this model's "
+                                                f"text encoders; at most {deepest + A1111_CLIP_SKIP_BASE}")
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
               "batch_size": body.batch_size, "batches": body.n_iter, "width": body.width, "height": body.height,
               "steps": body.steps, "guidance": body.cfg_scale, "scheduler": scheduler,

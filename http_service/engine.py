@@ -84,6 +84,10 @@ class Engine:
     def cancel(self, request_id: str, reason: str, indexes: tuple[int, ...] | None = None) -> None:
         self.loop.cancel(request_id, reason, indexes)
 
+    def max_clip_skip(self) -> int | None:
+        """The model's deepest clip skip, once its text encoders have loaded."""
+        return self.model.max_clip_skip
+
     def denoisers(self) -> int:
         return len(self.dispatcher.table.denoisers)
 

@@ -40,6 +40,9 @@ class FailingEngine:
     def denoisers(self) -> int:
         return 1
 
+    def max_clip_skip(self) -> int | None:
+        return None
+
     def health(self) -> dict:
         return {"status": "ok", "denoisers": 1}
 

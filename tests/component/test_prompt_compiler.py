@@ -171,3 +171,16 @@ def test_compiled_tensors_render_exactly_as_diffusers_renders_them(side: TextSid
     theirs = pipe(**{name: tensors[name] for name in TENSOR_NAMES}, num_inference_steps=3, height=64, width=64,
                   generator=generators(5, 1)).images[0]
     assert np.array_equal(image, np.array(theirs)), "the denoiser must not alter compiled tensors"
+
+
+def test_a_clip_skip_deeper_than_the_text_encoders_is_one_line_in_every_syntax(side: TextSide) -> None:
+    """The tiny model has 4 text layers: diffusers would index past its hidden states (an IndexError)."""
+    from sdxl_split.shared.errors import UserError
+
+    assert side.max_clip_skip == 3
+    entry = PromptEntry(line=1, prompt="a fox")
+    with pytest.raises(UserError, match="at most 3 can be skipped"):
+        side.encode([entry], clip_skip=4)
+    with pytest.raises(UserError, match="at most 3 can be skipped"):
+        side.encode_compiled(entry, 4, "a1111")
+    assert side.encode([entry], clip_skip=3)[0].tensors["prompt_embeds"].shape[1] == 77

@@ -179,17 +179,20 @@ def test_bad_requests_get_422_with_the_field_and_the_server_keeps_serving(server
     cut_short = base64.b64encode(png_bytes(Image.new("RGB", (64, 64)), "a red fox, " * 100)[:200]).decode()
     truncated = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": cut_short}, timeout=60)
     assert truncated.status_code == 422 and "not a whole, sane PNG" in truncated.text
-    # A clip skip past A1111's own bound, then one within it but deeper than the tiny model's 4 layers: each a
-    # 422, and the engine still serves (one such request used to stop it for good).
-    for layers, says in ((13, "from 1 to 12"), (6, "at most 3 can be skipped")):
+    # The deepest clip skip the tiny model's 4 text layers allow, in A1111's terms (and so written to the PNG)...
+    fine = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
+        "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 5}})
+    assert fine.status_code == 200 and len(fine.json()["images"]) == 1, fine.text
+    assert "Clip skip: 5" in json.loads(fine.json()["info"])["infotexts"][0]
+    # ...then past A1111's own bound, and one deeper than the model: each a 422 on the field, in the request's own
+    # terms, and the engine still serves (one such request used to stop it for good).
+    for layers, says in ((13, "from 1 to 12"), (6, "CLIP_stop_at_last_layers 6 goes deeper than this model's text "
+                                                   "encoders; at most 5")):
         deep = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
             "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {
                 "CLIP_stop_at_last_layers": layers}})
         assert deep.status_code == 422 and says in deep.text, deep.text
-    fine = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=hang_bound(120), json={
-        "prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 5}})
-    assert fine.status_code == 200 and len(fine.json()["images"]) == 1, fine.text
-    assert "Clip skip: 5" in json.loads(fine.json()["info"])["infotexts"][0]  # as A1111 writes it
+        assert deep.json()["detail"][0]["loc"] == ["body", "override_settings"]
     # curl -d without a content type sends a form: the answer names the header to add
     form = {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/x-www-form-urlencoded"}}
     as_form = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60, **form)
