@@ -190,12 +190,16 @@ class JobTable:
         said it cannot render it."""
         ready = [w for w in ready if w.key not in job.refused_by]
         fresh = [w for w in ready if w.identity not in job.failed_on]
-        # Those that may still take it: not one that said it cannot (by key: it may have reconnected since).
-        others = [identity for identity, other in self.denoisers.items() if other.key not in job.refused_by]
-        if not fresh and any(identity not in job.failed_on for identity in [*others, *self.coming]):
+        if not fresh and (self._untried(job) or any(identity not in job.failed_on for identity in self.coming)):
             return None  # wait for a denoiser that has not failed it yet (maybe one still loading)
         pool = fresh or ready
         return max(pool, key=lambda w: (w.credits, -len(w.inflight))) if pool else None
+
+    def _untried(self, job: JobRecord) -> list[DenoiserRecord]:
+        """Attached denoisers that may still take this job: not one that failed it, nor one that said it cannot
+        (by key: it may have reconnected since)."""
+        return [other for identity, other in self.denoisers.items()
+                if identity not in job.failed_on and other.key not in job.refused_by]
 
     def sent(self, job: JobRecord, denoiser: DenoiserRecord, now: float) -> None:
         if not denoiser.inflight:
@@ -258,10 +262,7 @@ class JobTable:
             # A peer that never finished a job is not believed against a job that an attached denoiser which has
             # finished jobs has not tried: a peer failing jobs under a new connection each time would otherwise
             # bury good jobs beside a healthy one.
-            healthy_untried = any(other.finished_jobs and other_id not in job.failed_on
-                                  and other.key not in job.refused_by
-                                  for other_id, other in self.denoisers.items() if other_id != identity)
-            if denoiser.finished_jobs or not healthy_untried:
+            if denoiser.finished_jobs or not any(other.finished_jobs for other in self._untried(job)):
                 job.failures += 1
             if not denoiser.finished_jobs:
                 denoiser.failed_jobs.add(job_id)

@@ -119,7 +119,7 @@ class EncoderModelThread:
     def _text_side_once(self):
         if self._text_side is None:
             self._text_side = self._load()
-            self.max_clip_skip = getattr(self._text_side, "max_clip_skip", None)
+            self.max_clip_skip = self._text_side.max_clip_skip
         return self._text_side
 
     def _serve(self) -> None:

@@ -160,10 +160,10 @@ class TextSide:
 
     def check_clip_skip(self, clip_skip: int | None) -> None:
         """A clip skip deeper than this model's text encoders is one line, not an IndexError."""
-        layers = self.max_clip_skip + 1
-        if clip_skip and clip_skip > layers - 1:
+        most = self.max_clip_skip
+        if clip_skip and clip_skip > most:
             raise UserError(f"skipping {clip_skip} final CLIP layers goes deeper than this model's text encoders "
-                            f"({layers} layers): at most {layers - 1} can be skipped")
+                            f"({most + 1} layers): at most {most} can be skipped")
 
     @torch.inference_mode()
     def encode(self, entries: list[PromptEntry], clip_skip: int | None) -> list[EncodedPrompt]:

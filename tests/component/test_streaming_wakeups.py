@@ -36,6 +36,8 @@ PROMPTS = 50
 class InstantTextSide:
     """Returns right away, so all the time measured is the loop's own."""
 
+    max_clip_skip = 3
+
     def __init__(self) -> None:
         self.calls = 0
         self.threads: set[str] = set()
